@@ -1,0 +1,49 @@
+"""KV cache pytree: contiguous `[layers, batch, max_len, kv_heads, head_dim]` with per-row lengths.
+
+The drafter owns no cache: it writes provisional K/V into this one, and the target's verify pass
+overwrites them (see docs/internals.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from er_jax.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, KV, hd]
+    v: jax.Array  # [L, B, S, KV, hd]
+    lengths: jax.Array  # int32 [B]: clean target entries per row
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize)
+
+
+def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
+    """Bytes of K and V for `batch` rows of `max_len` positions (what `init_cache` would allocate)."""
+    per_entry = config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(config.jnp_dtype).itemsize
+    return 2 * batch * max_len * per_entry
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, config.jnp_dtype), jnp.zeros(shape, config.jnp_dtype),
+                   jnp.zeros((batch,), jnp.int32))
+
+
+def gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache of rows `rows` (int [B']), in that order: compaction into a smaller batch bucket."""
+    return KVCache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1),
+                   jnp.take(cache.lengths, rows, axis=0))

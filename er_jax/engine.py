@@ -1,0 +1,301 @@
+"""The decode engine: bucket map, compile cache, jitted prefill / AR / SD steps, and the host loop with
+active-set compaction and bookkeeping.
+
+Per-row randomness: row r's key is fold_in(seed key, r) and the key of a step is fold_in(row key,
+tokens generated so far), so a row's tokens never depend on which batch bucket or slot it sits in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from er_jax.cache import KVCache, cache_bytes, gather_rows, init_cache
+from er_jax.config import ModelConfig, SamplingConfig
+from er_jax.model import forward
+from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
+from er_jax.speculative import draft, verify
+
+MAX_DRAFT = 16  # the largest γ the engine supports (the cache keeps this much headroom)
+MIN_PROMPT_BUCKET = 16
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def batch_bucket(n: int) -> int:
+    """The one map from a runtime row count to a static batch size."""
+    return pow2_at_least(n)
+
+
+def prompt_bucket(n: int) -> int:
+    """The one map from a runtime prompt length to a static prompt length."""
+    return pow2_at_least(n, MIN_PROMPT_BUCKET)
+
+
+@struct.dataclass
+class DecodeState:
+    """Per-slot decode state of one batch bucket, plus the rollout's output buffers (indexed by row id)."""
+
+    cache: KVCache
+    last: jax.Array  # int32 [B]  sampled token at position cache.lengths, not yet fed
+    n_gen: jax.Array  # int32 [B]  tokens generated so far (incl. `last`)
+    done: jax.Array  # bool [B]
+    row: jax.Array  # int32 [B]  output row of each slot (padding slots point at a scratch row)
+    keys: jax.Array  # [B] typed PRNG keys, one per row
+    max_new: jax.Array  # int32 [B]  per-row token limit
+    min_new: jax.Array  # int32 [B]  EOS is ignored before this many tokens (forced-length benchmarks)
+    out_tokens: jax.Array  # int32 [N+1, max_new + MAX_DRAFT + 1]  (last row: scratch for padding slots)
+    out_logps: jax.Array  # f32 same shape
+    out_len: jax.Array  # int32 [N+1]  tokens generated per output row
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a compiled step (part of the compile-cache key with the bucket)."""
+
+    config: ModelConfig
+    sampling: SamplingConfig
+    eos_ids: tuple[int, ...]
+    kernels: str
+
+
+def _is_eos(spec: StepSpec, tokens):
+    if not spec.eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(spec.eos_ids, jnp.int32))
+
+
+def _emit(spec: StepSpec, st: DecodeState, tokens, logps, count, new_cache: KVCache):
+    """Append `count[b]` of `tokens[b]` to each live row, ending rows at EOS or their token limit.
+    The first token of `tokens` is fed to the cache (position cache.lengths) by the caller's forward."""
+    live = ~st.done
+    pos = jnp.arange(tokens.shape[1])[None, :]
+    count = jnp.minimum(count, st.max_new - st.n_gen)
+    eos = _is_eos(spec, tokens) & (st.n_gen[:, None] + pos + 1 > st.min_new[:, None]) & (pos < count[:, None])
+    first_eos = jnp.argmax(eos, axis=1)
+    count = jnp.where(eos.any(axis=1), first_eos + 1, count)
+    count = jnp.where(live, count, 0)
+    cols = st.n_gen[:, None] + pos
+    write = pos < count[:, None]
+    rows = jnp.where(write, st.row[:, None], st.out_tokens.shape[0] - 1)  # masked writes go to scratch
+    out_tokens = st.out_tokens.at[rows, cols].set(jnp.where(write, tokens, 0))
+    out_logps = st.out_logps.at[rows, cols].set(jnp.where(write, logps, 0.0))
+    last = jnp.where(count > 0, jnp.take_along_axis(tokens, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0],
+                     st.last)
+    n_gen = st.n_gen + count
+    done = st.done | (live & (eos.any(axis=1) | (n_gen >= st.max_new)))
+    cache = KVCache(new_cache.k, new_cache.v, st.cache.lengths + count)
+    out_len = st.out_len.at[st.row].set(n_gen)
+    return dataclasses.replace(st, cache=cache, last=last, n_gen=n_gen, done=done,
+                               out_tokens=out_tokens, out_logps=out_logps, out_len=out_len)
+
+
+def _step_keys(st: DecodeState):
+    return jax.vmap(jax.random.fold_in)(st.keys, st.n_gen)
+
+
+def ar_step(spec: StepSpec, weights, st: DecodeState):
+    logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, kernels=spec.kernels)
+    logits = logits[:, 0]
+    tok = sample(_step_keys(st), log_probs(logits, spec.sampling))
+    lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
+    ones = jnp.ones_like(st.n_gen)
+    return _emit(spec, st, tok[:, None], lp[:, None], ones, cache), jnp.zeros_like(st.n_gen)
+
+
+def sd_step(spec: StepSpec, gamma: int, weights, drafter, st: DecodeState):
+    keys = _step_keys(st)
+    k_draft, k_verify = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    cache, d_tok, d_logits = draft(spec.config, drafter, st.cache, st.last, spec.sampling, k_draft, gamma,
+                                   spec.kernels)
+    cache, n_acc, tokens, logps = verify(spec.config, weights, cache, st.last, d_tok, d_logits,
+                                         spec.sampling, k_verify, spec.kernels)
+    return _emit(spec, st, tokens, logps, n_acc + 1, cache), n_acc
+
+
+def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
+    """Feed padded prompts (int [B, P]) into an empty cache and sample each row's first token."""
+    cache = KVCache(st.cache.k, st.cache.v, jnp.zeros_like(prompt_lens))
+    logits, cache = forward(spec.config, weights, prompts, cache, logit_index=(prompt_lens - 1)[:, None],
+                            kernels=spec.kernels)
+    logits = logits[:, 0]
+    tok = sample(_step_keys(st), log_probs(logits, spec.sampling))
+    lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
+    st = dataclasses.replace(st, cache=KVCache(cache.k, cache.v, prompt_lens - 1))
+    # The prompt's last token was fed here, so lengths become prompt_lens after _emit adds one.
+    return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(prompt_lens), cache)
+
+
+def compact(st: DecodeState, slots):
+    """Gather the slots `slots` (int [B']) into a smaller bucket; output buffers are kept whole."""
+    take = lambda a: jnp.take(a, slots, axis=0)
+    return dataclasses.replace(st, cache=gather_rows(st.cache, slots), last=take(st.last),
+                               n_gen=take(st.n_gen), done=take(st.done), row=take(st.row),
+                               keys=take(st.keys), max_new=take(st.max_new), min_new=take(st.min_new))
+
+
+@dataclasses.dataclass
+class RolloutOutput:
+    """tokens / logprobs: [N, max_new_tokens] numpy (pad_id / 0 past each row's length)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    stats: dict[str, Any]
+
+
+class Engine:
+    """Owns the compile cache and runs rollouts. Weights are arguments, so swapping them never recompiles."""
+
+    def __init__(self, config: ModelConfig, *, max_batch: int, max_prompt_len: int, max_new_tokens: int,
+                 max_draft: int = MAX_DRAFT, kernels: str = "xla", kv_budget_bytes: int | None = None):
+        for name, val in (("max_batch", max_batch), ("max_prompt_len", max_prompt_len),
+                          ("max_new_tokens", max_new_tokens)):
+            if int(val) < 1:
+                raise ValueError(f"{name} must be >= 1, got {val}")
+        if not 0 <= max_draft <= MAX_DRAFT:
+            raise ValueError(f"max_draft must be in [0, {MAX_DRAFT}], got {max_draft}")
+        self.config = config
+        self.max_batch = batch_bucket(max_batch)
+        self.max_prompt_len = int(max_prompt_len)
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_draft = int(max_draft)
+        self.kernels = kernels
+        # Drafting writes up to γ positions past the last emitted token; verify writes γ+1.
+        self.max_len = prompt_bucket(max_prompt_len) + self.max_new_tokens + self.max_draft + 1
+        self.kv_bytes = cache_bytes(config, self.max_batch, self.max_len)
+        if kv_budget_bytes is not None and self.kv_bytes > kv_budget_bytes:
+            raise ValueError(
+                f"the KV cache needs {self.kv_bytes / 2**20:.1f} MiB for max_batch={self.max_batch} x "
+                f"max_len={self.max_len} (prompt bucket {prompt_bucket(max_prompt_len)} + {max_new_tokens} new "
+                f"+ {self.max_draft + 1} draft headroom), over the budget of {kv_budget_bytes / 2**20:.1f} MiB; "
+                f"lower max_batch, max_prompt_len or max_new_tokens, or raise the budget")
+        self._jitted: dict[tuple, Callable] = {}
+
+    # -- compile cache -------------------------------------------------------------------------------
+    def _fn(self, kind: str, spec: StepSpec, gamma: int = 0):
+        key = (kind, spec, gamma)
+        if key not in self._jitted:
+            if kind == "prefill":
+                fn = jax.jit(functools.partial(prefill, spec), donate_argnums=(1,))
+            elif kind == "ar":
+                fn = jax.jit(functools.partial(ar_step, spec), donate_argnums=(1,))
+            elif kind == "sd":
+                fn = jax.jit(functools.partial(sd_step, spec, gamma), donate_argnums=(2,))
+            else:  # compact: the output has other shapes, so donating would not let XLA reuse buffers
+                fn = jax.jit(compact)
+            self._jitted[key] = fn
+        return self._jitted[key]
+
+    @property
+    def compile_count(self) -> int:
+        """Executables compiled so far (each (step kind, bucket, γ, sampling) at most once)."""
+        return sum(f._cache_size() for f in self._jitted.values())
+
+    # -- one rollout ----------------------------------------------------------------------------------
+    def _initial_state(self, n_rows: int, bucket: int, seed: int, max_new: np.ndarray, min_new: np.ndarray):
+        rows = np.arange(bucket)
+        row = np.where(rows < n_rows, rows, n_rows).astype(np.int32)  # padding slots -> scratch row n_rows
+        base = jax.random.key(seed)
+        keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(bucket))
+        pad = lambda a, fill: np.concatenate([a, np.full(bucket - n_rows, fill, a.dtype)])
+        width = self.max_new_tokens + self.max_draft + 1
+        return DecodeState(
+            cache=init_cache(self.config, bucket, self.max_len), last=jnp.zeros(bucket, jnp.int32),
+            n_gen=jnp.zeros(bucket, jnp.int32), done=jnp.asarray(rows >= n_rows), row=jnp.asarray(row),
+            keys=keys, max_new=jnp.asarray(pad(max_new, 1)), min_new=jnp.asarray(pad(min_new, 0)),
+            out_tokens=jnp.zeros((n_rows + 1, width), jnp.int32),
+            out_logps=jnp.zeros((n_rows + 1, width), jnp.float32), out_len=jnp.zeros(n_rows + 1, jnp.int32))
+
+    def run(self, weights, drafter, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
+            eos_ids: tuple[int, ...], max_new: np.ndarray, min_new: np.ndarray, policy,
+            pad_id: int = 0, progress: Callable[[int], None] | None = None,
+            trace: Callable[[dict], None] | None = None) -> RolloutOutput:
+        """Decode `prompts` (validated token lists) to the end. `policy.choose(...)` picks γ per step."""
+        n = len(prompts)
+        bucket = batch_bucket(n)
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels)
+        plens = np.array([len(p) for p in prompts], np.int32)
+        pb = prompt_bucket(int(plens.max()))
+        padded = np.full((bucket, pb), pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+        plens_b = np.concatenate([plens, np.ones(bucket - n, np.int32)])
+
+        t0 = time.perf_counter()
+        st = self._initial_state(n, bucket, seed, max_new, min_new)
+        st = self._fn("prefill", spec)(weights, st, jnp.asarray(padded), jnp.asarray(plens_b))
+        done, n_gen, ctx_len = jax.device_get((st.done, st.n_gen, st.cache.lengths))
+        policy.start_rollout()
+        steps: list[dict] = []
+        while not done.all():
+            active = int((~done).sum())
+            new_bucket = batch_bucket(active)
+            if new_bucket < st.last.shape[0]:  # compaction: live slots first, then finished ones as filler
+                slots = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:new_bucket]
+                st = self._fn("compact", spec)(st, jnp.asarray(slots, jnp.int32))
+                done, n_gen, ctx_len = done[slots], n_gen[slots], ctx_len[slots]
+            live = ~done
+            b = len(done)
+            ctx = float(ctx_len[live].mean())
+            gamma = int(policy.choose(b, active, ctx))
+            ts = time.perf_counter()
+            if gamma == 0:
+                st, n_acc = self._fn("ar", spec)(weights, st)
+            else:
+                st, n_acc = self._fn("sd", spec, gamma)(weights, drafter, st)
+            # The one small host read per step (it also ends the step's timing).
+            new_done, new_gen, ctx_len, n_acc = jax.device_get((st.done, st.n_gen, st.cache.lengths, n_acc))
+            rec = dict(step=len(steps), wall_s=time.perf_counter() - ts, batch_bucket=b, active=active,
+                       mean_context=ctx, gamma=gamma, emitted=int((new_gen - n_gen)[live].sum()),
+                       accepted=[int((n_acc[live] > i).sum()) for i in range(gamma)],
+                       reached=[int((n_acc[live] >= i).sum()) for i in range(gamma)])
+            policy.observe(rec)
+            steps.append(rec)
+            if trace is not None:
+                trace(rec)
+            if progress is not None:
+                progress(rec["emitted"])
+            done, n_gen = new_done, new_gen
+        policy.end_rollout()
+        out_tokens, out_logps, lengths = jax.device_get((st.out_tokens, st.out_logps, st.out_len))
+        width = self.max_new_tokens
+        tokens = np.where(np.arange(width)[None] < lengths[:n, None], out_tokens[:n, :width], pad_id)
+        logps = np.where(np.arange(width)[None] < lengths[:n, None], out_logps[:n, :width], 0.0)
+        stats = summarize(steps, time.perf_counter() - t0, int(lengths[:n].sum()))
+        return RolloutOutput(tokens.astype(np.int32), lengths[:n].astype(np.int32), logps.astype(np.float32),
+                             stats)
+
+
+def summarize(steps: list[dict], wall_s: float, tokens: int) -> dict[str, Any]:
+    """Rollout statistics: time, steps, τ, acceptance per draft position, γ per step, SD-on fraction."""
+    sd = [s for s in steps if s["gamma"] > 0]
+    width = max((s["gamma"] for s in sd), default=0)
+    acc = np.zeros(width)
+    reach = np.zeros(width)
+    for s in sd:
+        acc[: s["gamma"]] += s["accepted"]
+        reach[: s["gamma"]] += s["reached"]
+    sd_rows = sum(s["reached"][0] for s in sd)
+    return {
+        "wall_s": wall_s, "tokens": tokens, "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "steps": len(steps), "sd_steps": len(sd), "ar_steps": len(steps) - len(sd),
+        "sd_on_fraction": len(sd) / len(steps) if steps else 0.0,
+        "gamma_per_step": [s["gamma"] for s in steps],
+        "active_per_step": [s["active"] for s in steps],
+        "drafted": int(sum(s["gamma"] * s["reached"][0] for s in sd)),
+        "accepted": int(acc.sum()),
+        # τ: mean tokens a row gains per speculative step (accepted drafts + the corrected / bonus token)
+        "tau": float((acc.sum() + sd_rows) / sd_rows) if sd_rows else None,
+        "acceptance_per_position": [float(a / r) if r else None for a, r in zip(acc, reach)],
+        "step_records": steps,
+    }

@@ -1,0 +1,181 @@
+"""The functional decoder (Llama / Qwen2 family): one `forward` for prefill, cached decode of T >= 1
+tokens per row at per-row positions (decode, draft, verify), and teacher-forced training.
+
+Layers are stacked on a leading axis and scanned. Projection leaves may be `QuantArray`s (the drafter);
+`linear` dispatches them to the quantized matmul.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from er_jax.cache import KVCache
+from er_jax.config import ModelConfig
+from er_jax.quant import QuantArray, quant_matmul
+
+KERNELS = ("xla", "pallas")
+
+
+def default_kernels() -> str:
+    """The fastest correct choice per backend: Pallas on GPU/TPU, XLA on CPU."""
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return kernels
+
+
+def rms_norm(x, w, eps):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotate-half RoPE (Hugging Face layout). x [B, T, heads, hd], positions int [B, T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def linear(x, w, kernels: str):
+    if isinstance(w, QuantArray):
+        return quant_matmul(x, w, kernels=kernels)
+    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def attention_reference(q, k, v, q_pos):
+    """Causal GQA attention of queries at absolute positions `q_pos` over keys at positions 0..S-1.
+
+    q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T]. Key j is visible to query (b, t) iff
+    j <= q_pos[b, t]; keys past a row's length are masked by that rule. Returns [B, T, H, hd].
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+    visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, hd).astype(q.dtype)
+
+
+def _attention(q, k, v, q_pos, kernels):
+    if kernels == "pallas":
+        from er_jax.kernels.attention import ragged_attention
+        return ragged_attention(q, k, v, q_pos)
+    return attention_reference(q, k, v, q_pos)
+
+
+def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels):
+    """One decoder layer. `kv_write(k_new, v_new) -> (k_all, v_all)` stores this layer's new K/V and
+    returns the keys/values to attend over."""
+    b, t, _ = x.shape
+    h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
+    q, k, v = (linear(y, lw[n], kernels) for n in ("wq", "wk", "wv"))
+    if config.qkv_bias:
+        q, k, v = q + lw["bq"].astype(q.dtype), k + lw["bk"].astype(k.dtype), v + lw["bv"].astype(v.dtype)
+    q = rope(q.reshape(b, t, h, hd), positions, config.rope_theta)
+    k = rope(k.reshape(b, t, kvh, hd), positions, config.rope_theta)
+    v = v.reshape(b, t, kvh, hd)
+    k_all, v_all = kv_write(k, v)
+    o = _attention(q, k_all, v_all, positions, kernels)
+    x = x + linear(o.reshape(b, t, h * hd), lw["wo"], kernels)
+    y = rms_norm(x, lw["mlp_norm"], config.rms_norm_eps)
+    g = linear(y, lw["w_gate"], kernels)
+    u = linear(y, lw["w_up"], kernels)
+    return x + linear(jax.nn.silu(g) * u, lw["w_down"], kernels)
+
+
+def logits_from_hidden(config: ModelConfig, weights, x):
+    """Final norm and LM head; f32 logits."""
+    x = rms_norm(x, weights["final_norm"], config.rms_norm_eps)
+    head = weights["embed"].T if config.tie_embeddings else weights["lm_head"]
+    return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, *,
+            logit_index=None, kernels: str = "xla"):
+    """Run the decoder on `tokens` (int [B, T]).
+
+    Without `cache`: teacher-forced causal forward over positions 0..T-1; returns logits [B, T, V] (f32).
+    Right-padding is harmless (pads only follow real tokens).
+    With `cache`: the new tokens sit at positions `cache.lengths[b] + t`; their K/V are written there and
+    each attends to all cached positions before it. Returns `(logits, cache)` with `lengths` unchanged.
+    `logit_index` (int [B, K]) selects which of the T positions get logits ([B, K, V]); default all.
+    """
+    b, t = tokens.shape
+    x = weights["embed"][tokens].astype(config.jnp_dtype)
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+    if cache is None:
+        def body(x, lw):
+            return _layer(config, lw, x, positions, lambda k, v: (k, v), kernels), None
+
+        x, _ = jax.lax.scan(body, x, weights["layers"])
+    else:
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            i, lw = xs
+
+            def kv_write(k, v):
+                nonlocal k_all, v_all
+                k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype))
+                v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
+                return k_all[i], v_all[i]
+
+            x = _layer(config, lw, x, positions, kv_write, kernels)
+            return (x, k_all, v_all), None
+
+        idx = jnp.arange(config.num_layers)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (idx, weights["layers"]))
+        cache = KVCache(k_all, v_all, cache.lengths)
+
+    if logit_index is not None:
+        x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
+    logits = logits_from_hidden(config, weights, x)
+    return logits if cache is None else (logits, cache)
+
+
+def init_weights(config: ModelConfig, key, scale: float = 0.02):
+    """Random weights of the right shapes (tests and timing benchmarks)."""
+    d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
+    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"wq": (n, d, qd), "wk": (n, d, kvd), "wv": (n, d, kvd), "wo": (n, qd, d),
+              "w_gate": (n, d, f), "w_up": (n, d, f), "w_down": (n, f, d)}
+    if config.qkv_bias:
+        shapes.update(bq=(n, qd), bk=(n, kvd), bv=(n, kvd))
+    keys = iter(jax.random.split(key, len(shapes) + 2))
+    dt = config.jnp_dtype
+    layers = {name: (scale * jax.random.normal(next(keys), s)).astype(dt) for name, s in shapes.items()}
+    layers["attn_norm"] = jnp.ones((n, d), dt)
+    layers["mlp_norm"] = jnp.ones((n, d), dt)
+    weights = {"embed": (scale * jax.random.normal(next(keys), (v, d))).astype(dt), "layers": layers,
+               "final_norm": jnp.ones((d,), dt)}
+    if not config.tie_embeddings:
+        weights["lm_head"] = (scale * jax.random.normal(next(keys), (d, v))).astype(dt)
+    return weights
+
+
+def validate_weights(config: ModelConfig, weights, what: str = "weights") -> None:
+    """Raise ValueError unless `weights` has the structure and shapes `config` implies."""
+    want = jax.eval_shape(lambda: init_weights(config, jax.random.key(0)))
+    got_struct, want_struct = jax.tree_util.tree_structure(weights), jax.tree_util.tree_structure(want)
+    if got_struct != want_struct:
+        raise ValueError(f"{what} have structure {got_struct}; {config.name} needs {want_struct}")
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(weights), jax.tree_util.tree_leaves(want)):
+        if tuple(getattr(leaf, "shape", ())) != spec.shape:
+            raise ValueError(f"{what}{jax.tree_util.keystr(path)} has shape {tuple(getattr(leaf, 'shape', ()))}, "
+                             f"expected {spec.shape} for {config.name}")

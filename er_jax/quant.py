@@ -1,0 +1,122 @@
+"""Weight quantization for the self-drafter.
+
+- "int4": the paper's W4A16 format: group size 128 along the input dimension, asymmetric min-max
+  round-to-nearest with a zero point, two 4-bit codes per byte (see docs/internals.md for the layout).
+- "int8": symmetric per-output-channel int8.
+
+`derive_drafter(weights, scheme)` replaces the seven projections by `QuantArray`s and shares every other
+leaf (embeddings, LM head, norms, biases) with the target: the same array objects, not copies.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+SCHEMES = ("int4", "int8")
+
+
+@struct.dataclass
+class QuantArray:
+    """A quantized `[..., K, N]` weight. Array fields keep any leading (layer) axes of the original."""
+
+    data: jax.Array  # int8 [..., K, N]  |  uint8 [..., Kp/2, N] (two int4 codes per byte)
+    scale: jax.Array  # f32 [..., 1, N]  |  f32 [..., Kp/G, N]
+    zero: jax.Array | None  # None      |  uint8 [..., Kp/G, N], codes 0..15
+    scheme: str = struct.field(pytree_node=False)
+    in_features: int = struct.field(pytree_node=False)  # K
+    group_size: int = struct.field(pytree_node=False, default=128)
+
+    @property
+    def shape(self):
+        return (*self.data.shape[:-2], self.in_features, self.data.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        leaves = [self.data, self.scale] + ([] if self.zero is None else [self.zero])
+        return int(sum(a.size * a.dtype.itemsize for a in leaves))
+
+
+def quantize_int8(w) -> QuantArray:
+    w = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=-2, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return QuantArray(q, scale, None, "int8", w.shape[-2])
+
+
+def quantize_int4(w, group_size: int = 128) -> QuantArray:
+    """Asymmetric min-max RTN per group of `group_size` input rows (the paper's formula):
+    s = (max - min) / 15, zp = clamp(round(-min / s), 0, 15), q = clamp(round(w / s) + zp, 0, 15).
+    A K that is not a multiple of the group size gets a short last group (padding rows code to zp)."""
+    w = w.astype(jnp.float32)
+    k, n = w.shape[-2:]
+    kp = -(-k // group_size) * group_size
+    pad = [(0, 0)] * (w.ndim - 2) + [(0, kp - k), (0, 0)]
+    wg = jnp.pad(w, pad, constant_values=jnp.nan).reshape(*w.shape[:-2], kp // group_size, group_size, n)
+    mn = jnp.nanmin(wg, axis=-2)
+    mx = jnp.nanmax(wg, axis=-2)
+    # A constant group c gets s = |c| / 15 so it round-trips exactly; an all-zero group gets s = 1.
+    scale = jnp.where(mx > mn, (mx - mn) / 15.0, jnp.where(mn != 0, jnp.abs(mn) / 15.0, 1.0))
+    zero = jnp.clip(jnp.round(-mn / scale), 0, 15)
+    q = jnp.clip(jnp.round(wg / scale[..., None, :]) + zero[..., None, :], 0, 15)
+    q = jnp.where(jnp.isnan(wg), zero[..., None, :], q).astype(jnp.uint8).reshape(*w.shape[:-2], kp, n)
+    packed = q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+    return QuantArray(packed, scale, zero.astype(jnp.uint8), "int4", k, group_size)
+
+
+def unpack_int4(data):
+    """uint8 [..., Kp/2, N] -> uint8 codes [..., Kp, N] (low nibble = even row)."""
+    codes = jnp.stack([data & 0xF, data >> 4], axis=-2)  # [..., Kp/2, 2, N]
+    return codes.reshape(*data.shape[:-2], 2 * data.shape[-2], data.shape[-1])
+
+
+def dequantize(qa: QuantArray, dtype=jnp.float32):
+    if qa.scheme == "int8":
+        return (qa.data.astype(jnp.float32) * qa.scale).astype(dtype)
+    codes = unpack_int4(qa.data).astype(jnp.float32)
+    kp, n = codes.shape[-2:]
+    g = codes.reshape(*codes.shape[:-2], kp // qa.group_size, qa.group_size, n)
+    w = (g - qa.zero.astype(jnp.float32)[..., None, :]) * qa.scale[..., None, :]
+    return w.reshape(*codes.shape[:-2], kp, n)[..., : qa.in_features, :].astype(dtype)
+
+
+def quant_matmul(x, qa: QuantArray, kernels: str = "xla"):
+    """x [..., K] @ W -> [..., N] in x.dtype with f32 accumulation. `kernels="pallas"` uses the Pallas
+    kernel (weights cross memory once as int8/int4); "xla" dequantizes and lets XLA fuse the dot."""
+    if kernels == "pallas":
+        from er_jax.kernels.quant_matmul import quant_matmul as pallas_quant_matmul
+        return pallas_quant_matmul(x, qa)
+    w = dequantize(qa, x.dtype)
+    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "group_size"))
+def _quantize_projections(layers, scheme: str, group_size: int):
+    if scheme == "int8":
+        return {n: quantize_int8(layers[n]) for n in PROJECTIONS}
+    return {n: quantize_int4(layers[n], group_size) for n in PROJECTIONS}
+
+
+def derive_drafter(weights, scheme: str = "int4", group_size: int = 128):
+    """The self-drafter: a pure function of the current weights (re-derive after every update)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"drafter scheme must be one of {SCHEMES}, got {scheme!r}")
+    layers = weights["layers"]
+    missing = [n for n in PROJECTIONS if n not in layers]
+    if missing:
+        raise ValueError(f"weights['layers'] lacks projections {missing}; expected {PROJECTIONS}")
+    quantized = _quantize_projections({n: layers[n] for n in PROJECTIONS}, scheme, group_size)
+    return {**weights, "layers": {**layers, **quantized}}
+
+
+def projection_bytes(weights) -> int:
+    """Bytes of the seven projections (dense arrays or QuantArrays)."""
+    total = 0
+    for n in PROJECTIONS:
+        w = weights["layers"][n]
+        total += w.nbytes if isinstance(w, QuantArray) else int(w.size * w.dtype.itemsize)
+    return total

@@ -1,0 +1,162 @@
+"""SpecRollout: the object an RL loop holds (names follow google/tunix's rollout interface)."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from er_jax import controller
+from er_jax.config import ModelConfig, RolloutConfig
+from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
+from er_jax.model import check_kernels, default_kernels, forward, validate_weights
+from er_jax.quant import SCHEMES, derive_drafter, projection_bytes
+from er_jax.sampling import reported_log_probs, token_logprob
+
+MODES = ("ar", "sd", "toggle", "adaptive", "auto")
+
+
+class SpecRollout:
+    """Self-speculative rollouts of a policy.
+
+    mode: "ar" (plain decode), "sd" (always speculate with `draft_length`), "toggle" (the paper's
+    roofline toggle, fixed γ), "adaptive" (toggle + γ ladder: the paper's full method), "auto" (per-step
+    argmin of predicted time per emitted token over γ in {0} + ladder).
+    """
+
+    def __init__(self, config: ModelConfig, weights, tokenizer=None, *, max_batch: int, max_prompt_len: int,
+                 max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
+                 kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
+                 seed: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if drafter not in SCHEMES:
+            raise ValueError(f"drafter must be one of {SCHEMES}, got {drafter!r}")
+        if not 1 <= draft_length <= MAX_DRAFT:
+            raise ValueError(f"draft_length must be in [1, {MAX_DRAFT}], got {draft_length}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.drafter_scheme = drafter
+        self.kernels = check_kernels(kernels or default_kernels())
+        self.policy = controller.make_policy(mode, controller.ModelCosts.from_config(config, drafter),
+                                             draft_length=draft_length, calibration=calibration, seed=seed)
+        self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
+                             max_new_tokens=max_new_tokens, max_draft=max(max(self.policy.gammas()), 0),
+                             kernels=self.kernels, kv_budget_bytes=kv_budget_bytes)
+        self.weights = None
+        self.drafter = None
+        self.derive_seconds: list[float] = []
+        self.update_params(weights)
+
+    # -- tunix-shaped interface --------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        return self.config.pad_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.config.eos_ids[0] if self.config.eos_ids else None
+
+    @property
+    def speculates(self) -> bool:
+        return any(g > 0 for g in self.policy.gammas())
+
+    def update_params(self, weights) -> None:
+        """Swap in new policy weights (no recompile) and re-derive the drafter from them."""
+        validate_weights(self.config, weights, "update_params: weights")
+        bad = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(weights)
+               if not bool(jnp.isfinite(a).all())]
+        if bad:
+            raise ValueError(f"update_params: non-finite values (NaN/inf) in {bad}; refusing these weights")
+        dt = self.config.jnp_dtype
+        self.weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), weights)
+        if self.speculates:
+            t0 = time.perf_counter()
+            self.drafter = jax.block_until_ready(derive_drafter(self.weights, self.drafter_scheme))
+            self.derive_seconds.append(time.perf_counter() - t0)
+
+    def generate(self, prompts: Sequence, rollout_config: RolloutConfig | None = None, *,
+                 min_new_tokens: Sequence[int] | None = None, progress: Callable[[int], None] | None = None,
+                 trace: Callable[[dict], None] | None = None) -> RolloutOutput:
+        """Sample completions. prompts: strings (tokenized; chat template when the config asks) or token
+        id lists. `min_new_tokens` (per row) suppresses EOS before that many tokens (benchmarks)."""
+        rc = rollout_config or RolloutConfig()
+        token_prompts = self._prompt_tokens(prompts, rc)
+        max_new = rc.max_new_tokens or self.engine.max_new_tokens
+        if max_new > self.engine.max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new} exceeds this SpecRollout's max_new_tokens="
+                             f"{self.engine.max_new_tokens}; create it with a larger max_new_tokens")
+        n = len(token_prompts)
+        min_new = np.zeros(n, np.int32) if min_new_tokens is None else np.asarray(min_new_tokens, np.int32)
+        if min_new.shape != (n,) or (min_new < 0).any() or (min_new > max_new).any():
+            raise ValueError(f"min_new_tokens must be {n} integers in [0, {max_new}], got {min_new_tokens}")
+        eos = self.config.eos_ids if rc.eos_ids is None else rc.eos_ids
+        out = self.engine.run(self.weights, self.drafter, token_prompts, rc.sampling, seed=rc.seed, eos_ids=eos,
+                              max_new=np.full(n, max_new, np.int32), min_new=min_new, policy=self.policy,
+                              pad_id=self.pad_id, progress=progress, trace=trace)
+        out.stats.update(mode=self.mode, kernels=self.kernels, kv_cache_bytes=self.engine.kv_bytes,
+                         drafter_bytes=self.drafter_bytes, compile_count=self.engine.compile_count,
+                         drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None)
+        return out
+
+    def get_per_token_logps(self, prompt_tokens, completion_tokens, temperature: float = 1.0,
+                            top_k: int | None = None, top_p: float = 1.0):
+        """Teacher-forced log-probs of `completion_tokens` given `prompt_tokens` (one row or a batch of
+        equal-length rows), under the same processing the sampler used. Returns f32 [B, C]."""
+        p = np.atleast_2d(np.asarray(prompt_tokens, np.int32))
+        c = np.atleast_2d(np.asarray(completion_tokens, np.int32))
+        if p.shape[0] != c.shape[0] or p.shape[1] < 1 or c.shape[1] < 1:
+            raise ValueError(f"prompt {p.shape} and completion {c.shape} must be non-empty with equal batch")
+        self._check_ids(np.concatenate([p, c], 1))
+        sc = RolloutConfig(temperature=temperature, top_k=top_k, top_p=top_p).sampling
+        seq = jnp.asarray(np.concatenate([p, c], axis=1))
+        logits = forward(self.config, self.weights, seq)[:, p.shape[1] - 1: -1]
+        return np.asarray(token_logprob(reported_log_probs(logits, sc), jnp.asarray(c)))
+
+    # -- sizes, compile cache --------------------------------------------------------------------------
+    @property
+    def drafter_bytes(self) -> int:
+        """Bytes the drafter adds on top of the target: its quantized projections only."""
+        return projection_bytes(self.drafter) if self.drafter is not None else 0
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.engine.kv_bytes
+
+    @property
+    def compile_count(self) -> int:
+        return self.engine.compile_count
+
+    # -- validation ----------------------------------------------------------------------------------
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token id {int(ids.min() if ids.min() < 0 else ids.max())} is outside the "
+                             f"vocabulary [0, {self.config.vocab_size})")
+
+    def _prompt_tokens(self, prompts, rc: RolloutConfig) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+            raise ValueError("prompts must be a list of strings or of token-id lists")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        if len(prompts) > self.engine.max_batch:
+            raise ValueError(f"{len(prompts)} prompts exceed max_batch={self.engine.max_batch}; split them or "
+                             f"create the SpecRollout with a larger max_batch")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer; pass tokenizer= or token ids")
+                p = (self.tokenizer.chat([{"role": "user", "content": p}]) if rc.apply_chat_template
+                     else self.tokenizer.encode(p))
+            ids = [int(t) for t in np.asarray(p).reshape(-1)]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if len(ids) > self.engine.max_prompt_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens, over max_prompt_len="
+                                 f"{self.engine.max_prompt_len}; shorten it or raise max_prompt_len")
+            self._check_ids(np.asarray(ids))
+            out.append(ids)
+        return out

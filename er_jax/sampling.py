@@ -1,0 +1,53 @@
+"""Logit processing (temperature, top-k, top-p), sampling and the log-probs we report.
+
+The sampled distribution for logits z is `softmax(filter(z / T))` (top-k first, then top-p on what is
+left), or a point mass on argmax(z) when T = 0. The reported log-prob of a token is its log-probability
+under that distribution; for greedy decoding (a point mass) we report the raw `log_softmax(z)` instead.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from er_jax.config import SamplingConfig
+
+
+def filter_logits(z, top_k: int | None, top_p: float):
+    """Set logits outside the top-k, then outside the top-p nucleus, to -inf. Ties at a cut stay in."""
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+        z = jnp.where(z < kth, -jnp.inf, z)
+    if top_p < 1.0:
+        zs = jnp.sort(z, axis=-1)[..., ::-1]
+        ps = jax.nn.softmax(zs, axis=-1)
+        mass_before = jnp.cumsum(ps, axis=-1) - ps
+        # Smallest prefix whose mass reaches top_p: keep a token while the mass before it is < top_p.
+        cut = jnp.min(jnp.where(mass_before < top_p, zs, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z < cut, -jnp.inf, z)
+    return z
+
+
+def log_probs(logits, sc: SamplingConfig):
+    """Log-probabilities of the distribution we sample from, f32 [..., V] (-inf where excluded)."""
+    z = logits.astype(jnp.float32)
+    if sc.greedy:
+        hot = jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.bool_)
+        return jnp.where(hot, 0.0, -jnp.inf)
+    return jax.nn.log_softmax(filter_logits(z / sc.temperature, sc.top_k, sc.top_p), axis=-1)
+
+
+def reported_log_probs(logits, sc: SamplingConfig):
+    """Per-token log-probs returned to the RL loss (see module docstring)."""
+    if sc.greedy:
+        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return log_probs(logits, sc)
+
+
+def sample(keys, logp):
+    """One token per row: keys [B] (typed PRNG keys), logp [B, V] -> int32 [B]."""
+    return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
+
+
+def token_logprob(logp, tokens):
+    """logp [..., V], tokens int [...] -> [...]: the log-prob of each token."""
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
