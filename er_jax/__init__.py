@@ -1,0 +1,16 @@
+"""er_jax: system-aware self-speculative decoding for RL rollouts, in JAX/Pallas."""
+from er_jax.config import DrafterConfig, ModelConfig, RolloutConfig, SamplingConfig, SHAPE_PRESETS
+from er_jax.engine import RolloutOutput
+from er_jax.model import forward, init_weights
+from er_jax.quant import QuantArray, derive_drafter
+from er_jax.rollout import SpecRollout
+
+
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """A named model ("smollm2"), a GGUF file or a Hugging Face directory -> Model(config, weights, tokenizer)."""
+    from er_jax.io.registry import load_model as _load
+    return _load(name_or_path, dtype=dtype)
+
+
+__all__ = ["DrafterConfig", "ModelConfig", "QuantArray", "RolloutConfig", "RolloutOutput", "SHAPE_PRESETS",
+           "SamplingConfig", "SpecRollout", "derive_drafter", "forward", "init_weights", "load_model"]

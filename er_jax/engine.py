@@ -53,9 +53,9 @@ class DecodeState:
     keys: jax.Array  # [B] typed PRNG keys, one per row
     max_new: jax.Array  # int32 [B]  per-row token limit
     min_new: jax.Array  # int32 [B]  EOS is ignored before this many tokens (forced-length benchmarks)
-    out_tokens: jax.Array  # int32 [N+1, max_new + MAX_DRAFT + 1]  (last row: scratch for padding slots)
+    out_tokens: jax.Array  # int32 [max_batch+1, max_new + max_draft + 1]  (last row: scratch for padding slots)
     out_logps: jax.Array  # f32 same shape
-    out_len: jax.Array  # int32 [N+1]  tokens generated per output row
+    out_len: jax.Array  # int32 [max_batch+1]  tokens generated per output row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,9 +180,11 @@ class Engine:
                 f"+ {self.max_draft + 1} draft headroom), over the budget of {kv_budget_bytes / 2**20:.1f} MiB; "
                 f"lower max_batch, max_prompt_len or max_new_tokens, or raise the budget")
         self._jitted: dict[tuple, Callable] = {}
+        self._signatures: set = set()
 
     # -- compile cache -------------------------------------------------------------------------------
-    def _fn(self, kind: str, spec: StepSpec, gamma: int = 0):
+    def _call(self, kind: str, spec: StepSpec, gamma: int, *args):
+        """Run the jitted step `kind`; shapes (set by the buckets) and statics pick its executable."""
         key = (kind, spec, gamma)
         if key not in self._jitted:
             if kind == "prefill":
@@ -194,17 +196,42 @@ class Engine:
             else:  # compact: the output has other shapes, so donating would not let XLA reuse buffers
                 fn = jax.jit(compact)
             self._jitted[key] = fn
-        return self._jitted[key]
+        shapes = tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args) if hasattr(a, "shape"))
+        self._signatures.add((key, shapes))
+        return self._jitted[key](*args)
 
     @property
     def compile_count(self) -> int:
-        """Executables compiled so far (each (step kind, bucket, γ, sampling) at most once)."""
-        return sum(f._cache_size() for f in self._jitted.values())
+        """Distinct executables used so far: (step kind, statics, γ, shapes), each compiled once by jit."""
+        return len(self._signatures)
+
+    def warmup(self, weights, drafter, gammas, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+               prompt_lens=None) -> int:
+        """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket), a step per
+        (batch bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
+        before = self.compile_count
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels)
+        buckets = [1 << i for i in range(int(math.log2(self.max_batch)) + 1)]
+        pbs = sorted({prompt_bucket(p) for p in (prompt_lens or [self.max_prompt_len])})
+        for b in buckets:
+            limit = np.full(b, self.max_new_tokens, np.int32)
+            for pb in pbs:
+                st = self._initial_state(b, b, 0, limit, limit)
+                st = self._call("prefill", spec, 0, weights, st, jnp.zeros((b, pb), jnp.int32),
+                                jnp.ones((b,), jnp.int32))
+            for g in gammas:
+                st, _ = (self._call("ar", spec, 0, weights, st) if g == 0 else
+                         self._call("sd", spec, g, weights, drafter, st))
+            for smaller in buckets[: buckets.index(b)]:
+                self._call("compact", spec, 0, st, jnp.arange(smaller, dtype=jnp.int32))
+        jax.block_until_ready(st)
+        return self.compile_count - before
 
     # -- one rollout ----------------------------------------------------------------------------------
     def _initial_state(self, n_rows: int, bucket: int, seed: int, max_new: np.ndarray, min_new: np.ndarray):
         rows = np.arange(bucket)
-        row = np.where(rows < n_rows, rows, n_rows).astype(np.int32)  # padding slots -> scratch row n_rows
+        scratch = self.max_batch  # output buffers have max_batch + 1 rows so shapes depend on buckets only
+        row = np.where(rows < n_rows, rows, scratch).astype(np.int32)
         base = jax.random.key(seed)
         keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(bucket))
         pad = lambda a, fill: np.concatenate([a, np.full(bucket - n_rows, fill, a.dtype)])
@@ -213,8 +240,8 @@ class Engine:
             cache=init_cache(self.config, bucket, self.max_len), last=jnp.zeros(bucket, jnp.int32),
             n_gen=jnp.zeros(bucket, jnp.int32), done=jnp.asarray(rows >= n_rows), row=jnp.asarray(row),
             keys=keys, max_new=jnp.asarray(pad(max_new, 1)), min_new=jnp.asarray(pad(min_new, 0)),
-            out_tokens=jnp.zeros((n_rows + 1, width), jnp.int32),
-            out_logps=jnp.zeros((n_rows + 1, width), jnp.float32), out_len=jnp.zeros(n_rows + 1, jnp.int32))
+            out_tokens=jnp.zeros((scratch + 1, width), jnp.int32),
+            out_logps=jnp.zeros((scratch + 1, width), jnp.float32), out_len=jnp.zeros(scratch + 1, jnp.int32))
 
     def run(self, weights, drafter, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
             eos_ids: tuple[int, ...], max_new: np.ndarray, min_new: np.ndarray, policy,
@@ -233,7 +260,7 @@ class Engine:
 
         t0 = time.perf_counter()
         st = self._initial_state(n, bucket, seed, max_new, min_new)
-        st = self._fn("prefill", spec)(weights, st, jnp.asarray(padded), jnp.asarray(plens_b))
+        st = self._call("prefill", spec, 0, weights, st, jnp.asarray(padded), jnp.asarray(plens_b))
         done, n_gen, ctx_len = jax.device_get((st.done, st.n_gen, st.cache.lengths))
         policy.start_rollout()
         steps: list[dict] = []
@@ -242,7 +269,7 @@ class Engine:
             new_bucket = batch_bucket(active)
             if new_bucket < st.last.shape[0]:  # compaction: live slots first, then finished ones as filler
                 slots = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:new_bucket]
-                st = self._fn("compact", spec)(st, jnp.asarray(slots, jnp.int32))
+                st = self._call("compact", spec, 0, st, jnp.asarray(slots, jnp.int32))
                 done, n_gen, ctx_len = done[slots], n_gen[slots], ctx_len[slots]
             live = ~done
             b = len(done)
@@ -250,9 +277,9 @@ class Engine:
             gamma = int(policy.choose(b, active, ctx))
             ts = time.perf_counter()
             if gamma == 0:
-                st, n_acc = self._fn("ar", spec)(weights, st)
+                st, n_acc = self._call("ar", spec, 0, weights, st)
             else:
-                st, n_acc = self._fn("sd", spec, gamma)(weights, drafter, st)
+                st, n_acc = self._call("sd", spec, gamma, weights, drafter, st)
             # The one small host read per step (it also ends the step's timing).
             new_done, new_gen, ctx_len, n_acc = jax.device_get((st.done, st.n_gen, st.cache.lengths, n_acc))
             rec = dict(step=len(steps), wall_s=time.perf_counter() - ts, batch_bucket=b, active=active,

@@ -102,6 +102,13 @@ class SpecRollout:
                          drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None)
         return out
 
+    def warmup(self, rollout_config: RolloutConfig | None = None, prompt_lens=None) -> int:
+        """Pre-compile every (batch bucket, γ) step the policy may choose, every compaction, and prefill for
+        the prompt buckets of `prompt_lens` (default: max_prompt_len). Returns the executables added."""
+        rc = rollout_config or RolloutConfig()
+        eos = self.config.eos_ids if rc.eos_ids is None else rc.eos_ids
+        return self.engine.warmup(self.weights, self.drafter, self.policy.gammas(), rc.sampling, eos, prompt_lens)
+
     def get_per_token_logps(self, prompt_tokens, completion_tokens, temperature: float = 1.0,
                             top_k: int | None = None, top_p: float = 1.0):
         """Teacher-forced log-probs of `completion_tokens` given `prompt_tokens` (one row or a batch of

@@ -1,0 +1,110 @@
+"""The decode engine: buckets, compaction, EOS / max_new_tokens, log-probs, compile counts, memory."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from er_jax.config import SamplingConfig
+from er_jax.engine import Engine, batch_bucket, prompt_bucket
+from er_jax.model import forward
+from er_jax.quant import derive_drafter
+from er_jax.sampling import reported_log_probs, token_logprob
+from tests.helpers import FixedGamma, tiny_model
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [1], [2, 3, 4, 5, 6, 7, 8], [9, 9], [4] * 11]
+
+
+def run(eng, w, d, prompts, sc, gamma, *, max_new=12, min_new=0, eos=(3,), seed=0):
+    n = len(prompts)
+    return eng.run(w, d, prompts, sc, seed=seed, eos_ids=eos, max_new=np.full(n, max_new, np.int32),
+                   min_new=np.full(n, min_new, np.int32), policy=FixedGamma(gamma))
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg, w = tiny_model(seed=3, scale=0.5)
+    return cfg, w, derive_drafter(w, "int4")
+
+
+def check_logprobs(cfg, w, prompts, out, sc, tol=1e-4):
+    """Every emitted log-prob equals the teacher-forced recomputation of the final sequence."""
+    for i, p in enumerate(prompts):
+        n = int(out.lengths[i])
+        seq = jnp.asarray([p + [int(t) for t in out.tokens[i, :n]]])
+        lp = token_logprob(reported_log_probs(forward(cfg, w, seq)[:, len(p) - 1:-1], sc),
+                           jnp.asarray(out.tokens[i:i + 1, :n]))
+        np.testing.assert_allclose(np.asarray(lp)[0], out.logprobs[i, :n], atol=tol)
+
+
+def test_bucket_maps():
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+
+
+@pytest.mark.parametrize("gamma", [0, 3])
+@pytest.mark.parametrize("sc", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=5, top_p=0.9), SamplingConfig(0.0)])
+def test_logprobs_are_teacher_forced(model, gamma, sc):
+    cfg, w, d = model
+    eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
+    out = run(eng, w, d, PROMPTS, sc, gamma)
+    check_logprobs(cfg, w, PROMPTS, out, sc)
+
+
+def test_greedy_speculative_equals_plain(model):
+    cfg, w, _ = model
+    eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
+    ref = run(eng, w, None, PROMPTS, SamplingConfig(0.0), 0)
+    for scheme in ("int4", "int8"):
+        d = derive_drafter(w, scheme)
+        for gamma in (1, 3, 7):
+            out = run(eng, w, d, PROMPTS, SamplingConfig(0.0), gamma)
+            np.testing.assert_array_equal(out.tokens, ref.tokens)
+            np.testing.assert_array_equal(out.lengths, ref.lengths)
+            assert out.stats["sd_steps"] > 0
+
+
+def test_eos_and_max_new_tokens(model):
+    cfg, w, d = model
+    eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
+    for gamma in (0, 3):
+        out = run(eng, w, d, PROMPTS, SamplingConfig(1.0), gamma, max_new=9, eos=(3, 7, 11), seed=4)
+        for i in range(len(PROMPTS)):
+            toks = list(out.tokens[i, : out.lengths[i]])
+            assert 1 <= len(toks) <= 9
+            eos_at = [j for j, t in enumerate(toks) if t in (3, 7, 11)]
+            # a row stops at its first EOS (kept as its last token) or at max_new_tokens
+            assert eos_at == [] and len(toks) == 9 or eos_at == [len(toks) - 1]
+            assert (out.tokens[i, out.lengths[i]:] == 0).all() and (out.logprobs[i, out.lengths[i]:] == 0).all()
+        forced = run(eng, w, d, PROMPTS, SamplingConfig(1.0), gamma, max_new=9, min_new=9, eos=(3, 7, 11), seed=4)
+        assert (forced.lengths == 9).all()
+
+
+def test_rows_do_not_depend_on_the_batch_they_sit_in(model):
+    """Per-row PRNG: a row's AR sample is the same alone or in a batch (up to float noise in argmax ties)."""
+    cfg, w, d = model
+    eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
+    full = run(eng, w, d, PROMPTS, SamplingConfig(1.0), 0, seed=9)
+    alone = run(eng, w, d, PROMPTS[:1], SamplingConfig(1.0), 0, seed=9)
+    np.testing.assert_array_equal(full.tokens[0], alone.tokens[0])
+
+
+def test_compaction_and_compile_count(model):
+    cfg, w, d = model
+    eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
+    prompts = PROMPTS + [[7, 7]]
+    out = run(eng, w, d, prompts, SamplingConfig(1.0), 2, eos=(3, 5, 9), seed=1)
+    active = out.stats["active_per_step"]
+    assert active[0] <= 7 and min(active) < 4, active  # rows finish at different steps
+    count = eng.compile_count
+    for seed in (1, 2, 3):
+        run(eng, w, d, prompts, SamplingConfig(1.0), 2, eos=(3, 5, 9), seed=1)
+    assert eng.compile_count == count  # the same buckets never compile twice
+    assert count <= 1 + 4 + 3 * 2  # prefill + SD per bucket (8,4,2,1) + compactions
+
+
+def test_kv_budget_is_enforced_up_front():
+    cfg, _ = tiny_model()
+    eng = Engine(cfg, max_batch=4, max_prompt_len=16, max_new_tokens=32, max_draft=16)
+    assert eng.max_len == 16 + 32 + 17 and eng.kv_bytes == 2 * 4 * eng.max_len * 2 * 2 * 16 * 4
+    with pytest.raises(ValueError, match="KV cache needs"):
+        Engine(cfg, max_batch=4, max_prompt_len=16, max_new_tokens=32, kv_budget_bytes=eng.kv_bytes - 1)
