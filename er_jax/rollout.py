@@ -44,8 +44,7 @@ class SpecRollout:
         self.policy = controller.make_policy(mode, controller.ModelCosts.from_config(config, drafter),
                                              draft_length=draft_length, calibration=calibration, seed=seed)
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
-                             max_new_tokens=max_new_tokens, max_draft=max(max(self.policy.gammas()), 0),
-                             kernels=self.kernels, kv_budget_bytes=kv_budget_bytes)
+                             max_new_tokens=max_new_tokens, kernels=self.kernels, kv_budget_bytes=kv_budget_bytes)
         self.weights = None
         self.drafter = None
         self.derive_seconds: list[float] = []

@@ -1,0 +1,126 @@
+"""SpecRollout: the public object. Real-model greedy equality and log-prob exactness on SmolLM2, memory,
+update_params, and bad input (each refused with a clear ValueError before anything is jitted)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import er_jax
+from er_jax.rollout import SpecRollout
+from tests.helpers import tiny_model
+
+CHAT = ["What is the capital of France?", "Write a haiku about autumn.", "What is 12 times 7?",
+        "Name three colors.", "Explain what a CPU does.", "Say hello in German.",
+        "What is the boiling point of water?", "Give me a synonym for happy."]
+
+
+@pytest.fixture(scope="module")
+def smol_ids(smollm2):
+    return [smollm2.tokenizer.chat([{"role": "user", "content": p}]) for p in CHAT]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_speculative_equals_plain(smollm2, smol_ids):
+    m = smollm2
+    kw = dict(max_batch=8, max_prompt_len=max(map(len, smol_ids)), max_new_tokens=64)
+    rc = er_jax.RolloutConfig(temperature=0.0)
+    force = [64] * 8
+    ref = SpecRollout(m.config, m.weights, mode="ar", **kw).generate(smol_ids, rc, min_new_tokens=force)
+    assert (ref.lengths == 64).all()
+    for scheme in ("int4", "int8"):
+        for gamma in (1, 3, 7):
+            r = SpecRollout(m.config, m.weights, mode="sd", drafter=scheme, draft_length=gamma, **kw)
+            out = r.generate(smol_ids, rc, min_new_tokens=force)
+            np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"{scheme} γ={gamma}")
+            assert out.stats["tau"] > 1.5  # the self-drafter really is accepted on a real model
+
+
+@pytest.mark.slow
+def test_smollm2_logprobs_match_teacher_forcing(smollm2, smol_ids):
+    m = smollm2
+    rc = er_jax.RolloutConfig(temperature=1.0, top_p=0.95, seed=3)
+    for mode in ("ar", "sd"):
+        r = SpecRollout(m.config, m.weights, mode=mode, draft_length=4, max_batch=4,
+                        max_prompt_len=max(map(len, smol_ids)), max_new_tokens=24)
+        out = r.generate(smol_ids[:4], rc)
+        for i in range(4):
+            n = int(out.lengths[i])
+            want = r.get_per_token_logps(smol_ids[i], out.tokens[i, :n], temperature=1.0, top_p=0.95)
+            np.testing.assert_allclose(out.logprobs[i, :n], want[0], atol=1e-4)
+
+
+def test_kv_cache_identical_in_ar_and_sd_and_drafter_bytes():
+    cfg, w = tiny_model(hidden_size=256, intermediate_size=384, head_dim=64)
+    kw = dict(max_batch=4, max_prompt_len=8, max_new_tokens=8)
+    ar = SpecRollout(cfg, w, mode="ar", **kw)
+    sd = SpecRollout(cfg, w, mode="sd", draft_length=3, **kw)
+    assert ar.kv_cache_bytes == sd.kv_cache_bytes
+    assert ar.drafter_bytes == 0 and 0 < sd.drafter_bytes
+    out = sd.generate([[1, 2, 3]], er_jax.RolloutConfig(max_new_tokens=4))
+    assert out.stats["kv_cache_bytes"] == ar.kv_cache_bytes and out.stats["drafter_bytes"] == sd.drafter_bytes
+
+
+def test_update_params_rederives_and_refuses_bad_weights():
+    cfg, w = tiny_model()
+    r = SpecRollout(cfg, w, mode="sd", draft_length=2, max_batch=2, max_prompt_len=4, max_new_tokens=4)
+    old = r.drafter["layers"]["wq"].scale
+    w2 = jax.tree_util.tree_map(lambda a: a * 1.5, w)
+    r.update_params(w2)
+    assert not np.allclose(r.drafter["layers"]["wq"].scale, old) and len(r.derive_seconds) == 2
+    nan = {**w, "embed": w["embed"].at[0, 0].set(jnp.nan)}
+    with pytest.raises(ValueError, match="non-finite"):
+        r.update_params(nan)
+    with pytest.raises(ValueError, match="has shape"):
+        r.update_params({**w, "final_norm": w["final_norm"][:-1]})
+
+
+def test_warmup_precompiles_everything():
+    cfg, w = tiny_model()
+    r = SpecRollout(cfg, w, mode="sd", draft_length=2, max_batch=4, max_prompt_len=8, max_new_tokens=6)
+    rc = er_jax.RolloutConfig(seed=1)
+    assert r.warmup(rc) > 0
+    n = r.compile_count
+    for seed in range(3):
+        r.generate([[1, 2], [3, 4, 5], [6]], er_jax.RolloutConfig(seed=seed))
+    assert r.compile_count == n
+
+
+@pytest.mark.parametrize("prompts,rc,match", [
+    ([], None, "empty"),
+    ([[1, 2], []], None, "prompt 1 is empty"),
+    ([[1, 64]], None, "outside the vocabulary"),
+    ([[1, -1]], None, "outside the vocabulary"),
+    ([[1] * 9], None, "max_prompt_len"),
+    ([[1]] * 5, None, "max_batch"),
+    (["text"], None, "tokenizer"),
+    ([[1]], dict(max_new_tokens=100), "exceeds"),
+])
+def test_bad_prompts(prompts, rc, match):
+    cfg, w = tiny_model()
+    r = SpecRollout(cfg, w, mode="ar", max_batch=4, max_prompt_len=8, max_new_tokens=8)
+    with pytest.raises(ValueError, match=match):
+        r.generate(prompts, er_jax.RolloutConfig(**(rc or {})))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
+                                      (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k")])
+def test_bad_rollout_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        er_jax.RolloutConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(mode="fast"), "mode"), (dict(drafter="int2"), "drafter"),
+                                      (dict(draft_length=17), "draft_length"), (dict(max_new_tokens=0), "max_new_tokens"),
+                                      (dict(kernels="cuda"), "kernels")])
+def test_bad_rollout_construction(kw, match):
+    cfg, w = tiny_model()
+    args = dict(max_batch=2, max_prompt_len=4, max_new_tokens=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        SpecRollout(cfg, w, **args)
+
+
+def test_mis_shaped_weights_refused_at_construction():
+    cfg, w = tiny_model()
+    with pytest.raises(ValueError, match="has shape"):
+        SpecRollout(cfg.replace(hidden_size=32), w, max_batch=2, max_prompt_len=4, max_new_tokens=4)
