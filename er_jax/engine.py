@@ -19,6 +19,7 @@ from flax import struct
 
 from er_jax.cache import KVCache, cache_bytes, gather_rows, init_cache
 from er_jax.config import ModelConfig, SamplingConfig
+from er_jax.controller import step_intensity
 from er_jax.model import forward
 from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
 from er_jax.speculative import draft, verify
@@ -244,10 +245,11 @@ class Engine:
             out_logps=jnp.zeros((scratch + 1, width), jnp.float32), out_len=jnp.zeros(scratch + 1, jnp.int32))
 
     def run(self, weights, drafter, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
-            eos_ids: tuple[int, ...], max_new: np.ndarray, min_new: np.ndarray, policy,
+            eos_ids: tuple[int, ...], max_new: np.ndarray, min_new: np.ndarray, policy, costs=None,
             pad_id: int = 0, progress: Callable[[int], None] | None = None,
             trace: Callable[[dict], None] | None = None) -> RolloutOutput:
-        """Decode `prompts` (validated token lists) to the end. `policy.choose(...)` picks γ per step."""
+        """Decode `prompts` (validated token lists) to the end. `policy.choose(...)` picks γ per step;
+        `costs` (controller.ModelCosts) adds each step's FLOPs and bytes moved to its record."""
         n = len(prompts)
         bucket = batch_bucket(n)
         spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels)
@@ -286,6 +288,9 @@ class Engine:
                        mean_context=ctx, gamma=gamma, emitted=int((new_gen - n_gen)[live].sum()),
                        accepted=[int((n_acc[live] > i).sum()) for i in range(gamma)],
                        reached=[int((n_acc[live] >= i).sum()) for i in range(gamma)])
+            if costs is not None:
+                rec["flops"], rec["bytes"] = step_intensity(costs, b, ctx, gamma)
+                rec["intensity"] = rec["flops"] / rec["bytes"]
             policy.observe(rec)
             steps.append(rec)
             if trace is not None:

@@ -1,6 +1,7 @@
 """SpecRollout: the object an RL loop holds (names follow google/tunix's rollout interface)."""
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable, Sequence
 
@@ -41,8 +42,9 @@ class SpecRollout:
         self.mode = mode
         self.drafter_scheme = drafter
         self.kernels = check_kernels(kernels or default_kernels())
-        self.policy = controller.make_policy(mode, controller.ModelCosts.from_config(config, drafter),
-                                             draft_length=draft_length, calibration=calibration, seed=seed)
+        self.costs = controller.ModelCosts.from_config(config, drafter)
+        self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
+                                             seed=seed)
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
                              max_new_tokens=max_new_tokens, kernels=self.kernels, kv_budget_bytes=kv_budget_bytes)
         self.weights = None
@@ -79,9 +81,10 @@ class SpecRollout:
 
     def generate(self, prompts: Sequence, rollout_config: RolloutConfig | None = None, *,
                  min_new_tokens: Sequence[int] | None = None, progress: Callable[[int], None] | None = None,
-                 trace: Callable[[dict], None] | None = None) -> RolloutOutput:
+                 trace_path: str | None = None) -> RolloutOutput:
         """Sample completions. prompts: strings (tokenized; chat template when the config asks) or token
-        id lists. `min_new_tokens` (per row) suppresses EOS before that many tokens (benchmarks)."""
+        id lists. `min_new_tokens` (per row) suppresses EOS before that many tokens (benchmarks).
+        `trace_path` appends one JSON line per engine step (time, bucket, rows, context, γ, tokens, intensity)."""
         rc = rollout_config or RolloutConfig()
         token_prompts = self._prompt_tokens(prompts, rc)
         max_new = rc.max_new_tokens or self.engine.max_new_tokens
@@ -93,9 +96,15 @@ class SpecRollout:
         if min_new.shape != (n,) or (min_new < 0).any() or (min_new > max_new).any():
             raise ValueError(f"min_new_tokens must be {n} integers in [0, {max_new}], got {min_new_tokens}")
         eos = self.config.eos_ids if rc.eos_ids is None else rc.eos_ids
-        out = self.engine.run(self.weights, self.drafter, token_prompts, rc.sampling, seed=rc.seed, eos_ids=eos,
-                              max_new=np.full(n, max_new, np.int32), min_new=min_new, policy=self.policy,
-                              pad_id=self.pad_id, progress=progress, trace=trace)
+        trace_file = open(trace_path, "a") if trace_path else None
+        try:
+            out = self.engine.run(self.weights, self.drafter, token_prompts, rc.sampling, seed=rc.seed,
+                                  eos_ids=eos, max_new=np.full(n, max_new, np.int32), min_new=min_new,
+                                  policy=self.policy, costs=self.costs, pad_id=self.pad_id, progress=progress,
+                                  trace=trace_file and (lambda rec: trace_file.write(json.dumps(rec) + "\n")))
+        finally:
+            if trace_file:
+                trace_file.close()
         out.stats.update(mode=self.mode, kernels=self.kernels, kv_cache_bytes=self.engine.kv_bytes,
                          drafter_bytes=self.drafter_bytes, compile_count=self.engine.compile_count,
                          drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None)
