@@ -1,0 +1,162 @@
+"""Ragged flash-decoding attention over the contiguous KV cache of one layer.
+
+Semantics are exactly `er_jax.model.attention_reference` (re-exported here as `attention_reference`):
+q [B, T, H, hd], k / v [B, S, KV, hd], q_pos int [B, T]; key j is visible to query (b, t) iff
+j <= q_pos[b, t]; GQA with H = KV * G. Used for T = 1 (decode, draft) and T = γ + 1 (verify).
+
+Lowering: `pl.pallas_call`, GPU default (Triton in jax 0.10 / 0.11); interpret mode on CPU. The K / V
+refs cover a row's whole cache (with Triton a ref is a pointer: nothing is read until a tile is loaded);
+the body loads [block_s, hd] tiles with `pl.ds` inside a `lax.fori_loop` whose bounds depend on the row's
+positions, so cache blocks beyond max(q_pos[b]) are never read. (A backend that copies whole blocks
+ahead of the body, Mosaic TPU / Mosaic GPU, would want `memory_space=ANY` and manual copies instead.)
+
+Grid (B, KV, splits). A program holds the T*G query rows of one KV head ([rows, hd], rows padded to a
+power of two >= 16) and the visible blocks of its row are divided evenly among the `splits` programs
+(dynamically, from max(q_pos[b]), so short rows do not leave most splits idle). Each runs an online
+softmax; with one split it normalizes and writes the output, otherwise it writes (o, m, l) partials
+that the wrapper merges. A cache length S that is not a multiple of the tile re-reads its last tile at
+the clamped start S - block_s with the overlap masked off (no copy of the cache).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from er_jax.kernels import (MIN_DOT, check_positive_pow2, clamped_tile, next_pow2, prev_pow2,
+                            resolve_interpret)
+from er_jax.model import attention_reference  # noqa: F401  (the reference lives with the model)
+
+DEFAULT_BLOCK_S = 128
+TARGET_PROGRAMS = 256  # splits * B * KV programs to aim for
+MAX_SPLITS = 32
+_NEG = -1e30  # running-max start: finite, so rows with nothing visible yet never produce inf - inf
+
+
+def _attention_kernel(q_ref, pos_ref, k_ref, v_ref, *out_refs, block_s, seq_len, splits, sqrt_hd,
+                      precision):
+    # q_ref [R, hd], pos_ref int32 [R], k_ref / v_ref [S, hd]; out: o [R, hd] or (o f32, m, l) partials
+    q = q_ref[...]
+    pos = pos_ref[...]
+    n_blocks = pl.cdiv(seq_len, block_s)
+    need = jnp.minimum(jnp.max(pos) // block_s + 1, n_blocks)  # blocks that hold a visible key
+    per = (need + splits - 1) // splits
+    lo = pl.program_id(2) * per
+    hi = jnp.minimum(lo + per, need)
+
+    def body(i, carry):
+        o, m, l = carry
+        start, idx, fresh = clamped_tile(i, block_s, seq_len)
+        kb = k_ref[pl.ds(start, block_s), :]
+        vb = v_ref[pl.ds(start, block_s), :]
+        s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) / sqrt_hd
+        visible = fresh[None, :] & (idx[None, :] <= pos[:, None])
+        m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, -jnp.inf), axis=1))
+        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l = l * alpha + jnp.sum(p, axis=1)
+        o = o * alpha[:, None] + lax.dot(p.astype(vb.dtype), vb, precision=precision,
+                                         preferred_element_type=jnp.float32)
+        return o, m_new, l
+
+    rows, hd = q_ref.shape
+    init = (jnp.zeros((rows, hd), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, m, l = lax.fori_loop(lo, hi, body, init)
+    if len(out_refs) == 1:
+        (o_ref,) = out_refs
+        o_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def _auto_splits(batch: int, kv_heads: int, n_blocks: int) -> int:
+    return max(1, min(n_blocks, MAX_SPLITS, -(-TARGET_PROGRAMS // (batch * kv_heads))))
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "num_splits", "interpret"))
+def _ragged_attention(q, k, v, q_pos, *, block_s, num_splits, interpret):
+    b, t, h, hd = q.shape
+    seq, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    r = t * g
+    rp = max(MIN_DOT, next_pow2(r))
+    # Rows of one KV head: r = t * G + g (the reference's [B, T, KV, G] head order).
+    qr = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kvh, r, hd)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+    # Keys past S do not exist, so clamping positions to S - 1 keeps the visible set (and lets a tiny
+    # cache be padded to one tile below). Padding rows get position 0.
+    pos = jnp.minimum(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), seq - 1)
+    pos = jnp.pad(pos, ((0, 0), (0, rp - r)))
+    if seq < MIN_DOT:  # tiny caches only (tests): one padded tile
+        k = jnp.pad(k, ((0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
+    s_len = k.shape[1]
+    bs = min(block_s or DEFAULT_BLOCK_S, prev_pow2(s_len))
+    n_blocks = -(-s_len // bs)
+    splits = min(num_splits or _auto_splits(b, kvh, n_blocks), n_blocks)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+    kernel = functools.partial(_attention_kernel, block_s=bs, seq_len=s_len, splits=splits,
+                               sqrt_hd=math.sqrt(hd), precision=precision)
+    in_specs = [pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)),
+                pl.BlockSpec((None, rp), lambda i, j, s: (i, 0)),
+                pl.BlockSpec((None, s_len, None, hd), lambda i, j, s: (i, 0, j, 0)),
+                pl.BlockSpec((None, s_len, None, hd), lambda i, j, s: (i, 0, j, 0))]
+    call = functools.partial(pl.pallas_call, kernel, grid=(b, kvh, splits), in_specs=in_specs,
+                             interpret=interpret, name="ragged_attention")
+    if splits == 1:
+        o = call(out_shape=jax.ShapeDtypeStruct((b, kvh, rp, hd), q.dtype),
+                 out_specs=pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)))(qr, pos, k, v)
+    else:
+        o, m, l = call(
+            out_shape=(jax.ShapeDtypeStruct((b, kvh, splits, rp, hd), jnp.float32),
+                       jax.ShapeDtypeStruct((b, kvh, splits, rp), jnp.float32),
+                       jax.ShapeDtypeStruct((b, kvh, splits, rp), jnp.float32)),
+            out_specs=(pl.BlockSpec((None, None, None, rp, hd), lambda i, j, s: (i, j, s, 0, 0)),
+                       pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0)),
+                       pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))))(qr, pos, k, v)
+        m_all = jnp.max(m, axis=2, keepdims=True)
+        w = jnp.exp(m - m_all)  # splits that saw nothing have l = 0, o = 0
+        l_all = jnp.sum(l * w, axis=2)
+        o = jnp.sum(o * w[..., None], axis=2) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+        o = o.astype(q.dtype)
+    o = o[:, :, :r].reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, t, h, hd)
+
+
+def ragged_attention(q, k, v, q_pos, *, block_s=None, num_splits=None, interpret=None):
+    """Causal GQA attention of queries at absolute positions `q_pos` over one layer's contiguous cache.
+
+    q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T] (>= 0). Returns [B, T, H, hd] in q.dtype,
+    equal to `er_jax.model.attention_reference(q, k, v, q_pos)`. block_s: power-of-two key tile
+    (default 128, shrunk for short caches); num_splits: programs per (row, KV head) (default: enough
+    for ~256 programs); interpret: default True on CPU.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q [B, T, H, hd] and k, v [B, S, KV, hd]; got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    b, t, h, hd = q.shape
+    if k.shape[0] != b or k.shape[3] != hd:
+        raise ValueError(f"k / v {k.shape} do not match q {q.shape} in batch or head_dim")
+    if h % k.shape[2]:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({k.shape[2]})")
+    if q_pos.shape != (b, t) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
+        raise ValueError(f"q_pos must be an int array of shape {(b, t)}, got {q_pos.dtype} {q_pos.shape}")
+    if k.shape[1] < 1:
+        raise ValueError("the cache must hold at least one position")
+    check_positive_pow2("block_s", block_s)
+    if block_s is not None and block_s < MIN_DOT:
+        raise ValueError(f"block_s must be >= {MIN_DOT} (tl.dot tile), got {block_s}")
+    if num_splits is not None and int(num_splits) < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    return _ragged_attention(q, k, v, q_pos, block_s=block_s, num_splits=num_splits,
+                             interpret=resolve_interpret(interpret))
