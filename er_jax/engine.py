@@ -107,7 +107,7 @@ def _step_keys(st: DecodeState):
 def ar_step(spec: StepSpec, weights, st: DecodeState):
     logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, kernels=spec.kernels)
     logits = logits[:, 0]
-    tok = sample(_step_keys(st), log_probs(logits, spec.sampling))
+    tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
     ones = jnp.ones_like(st.n_gen)
     return _emit(spec, st, tok[:, None], lp[:, None], ones, cache), jnp.zeros_like(st.n_gen)
@@ -129,7 +129,7 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
     logits, cache = forward(spec.config, weights, prompts, cache, logit_index=(prompt_lens - 1)[:, None],
                             kernels=spec.kernels)
     logits = logits[:, 0]
-    tok = sample(_step_keys(st), log_probs(logits, spec.sampling))
+    tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
     st = dataclasses.replace(st, cache=KVCache(cache.k, cache.v, prompt_lens - 1))
     # The prompt's last token was fed here, so lengths become prompt_lens after _emit adds one.

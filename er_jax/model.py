@@ -118,11 +118,17 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
+    layers = weights["layers"]
+    unstacked = isinstance(layers, (list, tuple))  # see unstack_layers
     if cache is None:
         def body(x, lw):
             return _layer(config, lw, x, positions, lambda k, v: (k, v), kernels), None
 
-        x, _ = jax.lax.scan(body, x, weights["layers"])
+        if unstacked:
+            for lw in layers:
+                x, _ = body(x, lw)
+        else:
+            x, _ = jax.lax.scan(body, x, layers)
     else:
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
 
@@ -139,14 +145,31 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
             x = _layer(config, lw, x, positions, kv_write, kernels)
             return (x, k_all, v_all), None
 
-        idx = jnp.arange(config.num_layers)
-        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (idx, weights["layers"]))
+        carry = (x, cache.k, cache.v)
+        if unstacked:
+            for i, lw in enumerate(layers):
+                carry, _ = body(carry, (i, lw))
+        else:
+            carry, _ = jax.lax.scan(body, carry, (jnp.arange(config.num_layers), layers))
+        x, k_all, v_all = carry
         cache = KVCache(k_all, v_all, cache.lengths)
 
     if logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     logits = logits_from_hidden(config, weights, x)
     return logits if cache is None else (logits, cache)
+
+
+def unstack_layers(weights):
+    """The execution layout for CPU: `layers` as a tuple of per-layer dicts, run by a Python loop.
+
+    XLA on CPU copies each layer's weights out of a stacked array inside a scan (and for static slices),
+    which doubles the bytes a memory-bound decode step moves; separate per-layer arrays avoid that. The
+    stacked layout stays the contract (training, checkpoints, GPU/TPU); this is a derived, read-only view.
+    """
+    layers = weights["layers"]
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**weights, "layers": tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(n))}
 
 
 def init_weights(config: ModelConfig, key, scale: float = 0.02):

@@ -43,8 +43,11 @@ def reported_log_probs(logits, sc: SamplingConfig):
     return log_probs(logits, sc)
 
 
-def sample(keys, logp):
-    """One token per row: keys [B] (typed PRNG keys), logp [B, V] -> int32 [B]."""
+def sample(keys, logp, greedy: bool = False):
+    """One token per row: keys [B] (typed PRNG keys), logp [B, V] -> int32 [B]. `greedy` (logp is a point
+    mass) skips drawing V Gumbel variates per row."""
+    if greedy:
+        return jnp.argmax(logp, axis=-1).astype(jnp.int32)
     return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
 
 

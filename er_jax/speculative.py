@@ -43,7 +43,7 @@ def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: Sa
     residual = jnp.maximum(p_n - q_n, 0.0)
     # p == q up to rounding makes the residual vanish; a rejection then had ~zero probability and p is exact.
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
-    extra = sample(k_x, jnp.log(residual))
+    extra = sample(k_x, jnp.log(residual), sc.greedy)
 
     pos = jnp.arange(g1)[None, :]
     drafted = jnp.concatenate([draft_tokens, draft_tokens[:, -1:]], axis=1)
@@ -65,7 +65,7 @@ def draft(config: ModelConfig, drafter, cache: KVCache, last, sc: SamplingConfig
         k, v, tok = carry
         logits, c = forward(config, drafter, tok[:, None], KVCache(k, v, start + i), kernels=kernels)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        nxt = sample(step_keys, log_probs(logits[:, 0], sc))
+        nxt = sample(step_keys, log_probs(logits[:, 0], sc), sc.greedy)
         return (c.k, c.v, nxt), (nxt, logits[:, 0])
 
     (k, v, _), (toks, logits) = jax.lax.scan(body, (cache.k, cache.v, last), jnp.arange(gamma))

@@ -79,3 +79,15 @@ def test_validate_weights_reports_bad_shapes_and_structure():
     missing = {k: v for k, v in w.items() if k != "final_norm"}
     with pytest.raises(ValueError, match="structure"):
         validate_weights(cfg, missing)
+
+
+def test_unstacked_layout_matches_stacked():
+    from er_jax.model import unstack_layers
+    cfg, w = tiny_model()
+    wu = unstack_layers(w)
+    toks = jax.random.randint(jax.random.key(5), (2, 5), 0, cfg.vocab_size)
+    np.testing.assert_allclose(forward(cfg, wu, toks), forward(cfg, w, toks), atol=2e-5)
+    c = KVCache(*init_cache(cfg, 2, 8)[:2], jnp.array([0, 2]))
+    (a, ca), (b, cb) = forward(cfg, wu, toks[:, :3], c), forward(cfg, w, toks[:, :3], c)
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_allclose(ca.k, cb.k, atol=2e-5)
