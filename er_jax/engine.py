@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from er_jax.cache import KVCache, cache_bytes, gather_rows, init_cache
 from er_jax.config import ModelConfig, SamplingConfig
 from er_jax.controller import step_intensity
 from er_jax.model import forward
+from er_jax.sharding import cache_sharding, global_decision, replicated, rows_sharding, to_host
 from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
 from er_jax.speculative import draft, verify
 
@@ -32,9 +34,10 @@ def pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def batch_bucket(n: int) -> int:
-    """The one map from a runtime row count to a static batch size."""
-    return pow2_at_least(n)
+def batch_bucket(n: int, data_parallel: int = 1) -> int:
+    """The one map from a runtime row count to a static batch size: a power of two times the number of
+    data-parallel shards, so every bucket splits evenly over the mesh's "data" axis."""
+    return data_parallel * pow2_at_least(-(-n // data_parallel))
 
 
 def prompt_bucket(n: int) -> int:
@@ -67,6 +70,19 @@ class StepSpec:
     sampling: SamplingConfig
     eos_ids: tuple[int, ...]
     kernels: str
+    mesh: Mesh | None = None
+
+
+def _place(spec: StepSpec, st: DecodeState) -> DecodeState:
+    """Keep the decode state where it belongs on the mesh: batch over "data", KV heads over "model"."""
+    if spec.mesh is None:
+        return st
+    rows = lambda a: jax.lax.with_sharding_constraint(a, rows_sharding(spec.mesh))
+    c = cache_sharding(spec.mesh)
+    cache = KVCache(jax.lax.with_sharding_constraint(st.cache.k, c), jax.lax.with_sharding_constraint(st.cache.v, c),
+                    rows(st.cache.lengths))
+    return dataclasses.replace(st, cache=cache, last=rows(st.last), n_gen=rows(st.n_gen), done=rows(st.done),
+                               row=rows(st.row), max_new=rows(st.max_new), min_new=rows(st.min_new))
 
 
 def _is_eos(spec: StepSpec, tokens):
@@ -96,8 +112,8 @@ def _emit(spec: StepSpec, st: DecodeState, tokens, logps, count, new_cache: KVCa
     done = st.done | (live & (eos.any(axis=1) | (n_gen >= st.max_new)))
     cache = KVCache(new_cache.k, new_cache.v, st.cache.lengths + count)
     out_len = st.out_len.at[st.row].set(n_gen)
-    return dataclasses.replace(st, cache=cache, last=last, n_gen=n_gen, done=done,
-                               out_tokens=out_tokens, out_logps=out_logps, out_len=out_len)
+    return _place(spec, dataclasses.replace(st, cache=cache, last=last, n_gen=n_gen, done=done,
+                                            out_tokens=out_tokens, out_logps=out_logps, out_len=out_len))
 
 
 def _step_keys(st: DecodeState):
@@ -136,12 +152,12 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
     return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(prompt_lens), cache)
 
 
-def compact(st: DecodeState, slots):
+def compact(spec: StepSpec, st: DecodeState, slots):
     """Gather the slots `slots` (int [B']) into a smaller bucket; output buffers are kept whole."""
     take = lambda a: jnp.take(a, slots, axis=0)
-    return dataclasses.replace(st, cache=gather_rows(st.cache, slots), last=take(st.last),
+    return _place(spec, dataclasses.replace(st, cache=gather_rows(st.cache, slots), last=take(st.last),
                                n_gen=take(st.n_gen), done=take(st.done), row=take(st.row),
-                               keys=take(st.keys), max_new=take(st.max_new), min_new=take(st.min_new))
+                               keys=take(st.keys), max_new=take(st.max_new), min_new=take(st.min_new)))
 
 
 @dataclasses.dataclass
@@ -158,7 +174,8 @@ class Engine:
     """Owns the compile cache and runs rollouts. Weights are arguments, so swapping them never recompiles."""
 
     def __init__(self, config: ModelConfig, *, max_batch: int, max_prompt_len: int, max_new_tokens: int,
-                 max_draft: int = MAX_DRAFT, kernels: str = "xla", kv_budget_bytes: int | None = None):
+                 max_draft: int = MAX_DRAFT, kernels: str = "xla", kv_budget_bytes: int | None = None,
+                 mesh: Mesh | None = None):
         for name, val in (("max_batch", max_batch), ("max_prompt_len", max_prompt_len),
                           ("max_new_tokens", max_new_tokens)):
             if int(val) < 1:
@@ -166,7 +183,9 @@ class Engine:
         if not 0 <= max_draft <= MAX_DRAFT:
             raise ValueError(f"max_draft must be in [0, {MAX_DRAFT}], got {max_draft}")
         self.config = config
-        self.max_batch = batch_bucket(max_batch)
+        self.mesh = mesh
+        self.data_parallel = 1 if mesh is None else int(mesh.shape["data"])
+        self.max_batch = batch_bucket(max_batch, self.data_parallel)
         self.max_prompt_len = int(max_prompt_len)
         self.max_new_tokens = int(max_new_tokens)
         self.max_draft = int(max_draft)
@@ -195,7 +214,7 @@ class Engine:
             elif kind == "sd":
                 fn = jax.jit(functools.partial(sd_step, spec, gamma), donate_argnums=(2,))
             else:  # compact: the output has other shapes, so donating would not let XLA reuse buffers
-                fn = jax.jit(compact)
+                fn = jax.jit(functools.partial(compact, spec))
             self._jitted[key] = fn
         shapes = tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args) if hasattr(a, "shape"))
         self._signatures.add((key, shapes))
@@ -211,20 +230,20 @@ class Engine:
         """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket), a step per
         (batch bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
         before = self.compile_count
-        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels)
-        buckets = [1 << i for i in range(int(math.log2(self.max_batch)) + 1)]
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh)
+        buckets = [self.data_parallel << i for i in range(int(math.log2(self.max_batch // self.data_parallel)) + 1)]
         pbs = sorted({prompt_bucket(p) for p in (prompt_lens or [self.max_prompt_len])})
         for b in buckets:
             limit = np.full(b, self.max_new_tokens, np.int32)
             for pb in pbs:
                 st = self._initial_state(b, b, 0, limit, limit)
-                st = self._call("prefill", spec, 0, weights, st, jnp.zeros((b, pb), jnp.int32),
-                                jnp.ones((b,), jnp.int32))
+                st = self._call("prefill", spec, 0, weights, st, self._put(jnp.zeros((b, pb), jnp.int32)),
+                                self._put(jnp.ones((b,), jnp.int32)))
             for g in gammas:
                 st, _ = (self._call("ar", spec, 0, weights, st) if g == 0 else
                          self._call("sd", spec, g, weights, drafter, st))
             for smaller in buckets[: buckets.index(b)]:
-                self._call("compact", spec, 0, st, jnp.arange(smaller, dtype=jnp.int32))
+                self._call("compact", spec, 0, st, self._put(jnp.arange(smaller, dtype=jnp.int32)))
         jax.block_until_ready(st)
         return self.compile_count - before
 
@@ -237,12 +256,22 @@ class Engine:
         keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(bucket))
         pad = lambda a, fill: np.concatenate([a, np.full(bucket - n_rows, fill, a.dtype)])
         width = self.max_new_tokens + self.max_draft + 1
-        return DecodeState(
+        return self._put(DecodeState(
             cache=init_cache(self.config, bucket, self.max_len), last=jnp.zeros(bucket, jnp.int32),
             n_gen=jnp.zeros(bucket, jnp.int32), done=jnp.asarray(rows >= n_rows), row=jnp.asarray(row),
             keys=keys, max_new=jnp.asarray(pad(max_new, 1)), min_new=jnp.asarray(pad(min_new, 0)),
             out_tokens=jnp.zeros((scratch + 1, width), jnp.int32),
-            out_logps=jnp.zeros((scratch + 1, width), jnp.float32), out_len=jnp.zeros(scratch + 1, jnp.int32))
+            out_logps=jnp.zeros((scratch + 1, width), jnp.float32), out_len=jnp.zeros(scratch + 1, jnp.int32)))
+
+    def _put(self, tree):
+        """Host-made inputs onto the mesh: a DecodeState split as `_place` says, anything else replicated."""
+        if self.mesh is None:
+            return tree
+        if isinstance(tree, DecodeState):
+            rows, rep, c = rows_sharding(self.mesh), replicated(self.mesh), cache_sharding(self.mesh)
+            shardings = DecodeState(KVCache(c, c, rows), rows, rows, rows, rows, rows, rows, rows, rep, rep, rep)
+            return jax.device_put(tree, shardings)
+        return jax.device_put(tree, replicated(self.mesh))
 
     def run(self, weights, drafter, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
             eos_ids: tuple[int, ...], max_new: np.ndarray, min_new: np.ndarray, policy, costs=None,
@@ -251,8 +280,8 @@ class Engine:
         """Decode `prompts` (validated token lists) to the end. `policy.choose(...)` picks γ per step;
         `costs` (controller.ModelCosts) adds each step's FLOPs and bytes moved to its record."""
         n = len(prompts)
-        bucket = batch_bucket(n)
-        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels)
+        bucket = batch_bucket(n, self.data_parallel)
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh)
         plens = np.array([len(p) for p in prompts], np.int32)
         pb = prompt_bucket(int(plens.max()))
         padded = np.full((bucket, pb), pad_id, np.int32)
@@ -262,28 +291,28 @@ class Engine:
 
         t0 = time.perf_counter()
         st = self._initial_state(n, bucket, seed, max_new, min_new)
-        st = self._call("prefill", spec, 0, weights, st, jnp.asarray(padded), jnp.asarray(plens_b))
-        done, n_gen, ctx_len = jax.device_get((st.done, st.n_gen, st.cache.lengths))
+        st = self._call("prefill", spec, 0, weights, st, self._put(jnp.asarray(padded)), self._put(jnp.asarray(plens_b)))
+        done, n_gen, ctx_len = to_host((st.done, st.n_gen, st.cache.lengths))
         policy.start_rollout()
         steps: list[dict] = []
         while not done.all():
             active = int((~done).sum())
-            new_bucket = batch_bucket(active)
+            new_bucket = batch_bucket(active, self.data_parallel)
             if new_bucket < st.last.shape[0]:  # compaction: live slots first, then finished ones as filler
                 slots = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:new_bucket]
-                st = self._call("compact", spec, 0, st, jnp.asarray(slots, jnp.int32))
+                st = self._call("compact", spec, 0, st, self._put(jnp.asarray(slots, jnp.int32)))
                 done, n_gen, ctx_len = done[slots], n_gen[slots], ctx_len[slots]
             live = ~done
             b = len(done)
             ctx = float(ctx_len[live].mean())
-            gamma = int(policy.choose(b, active, ctx))
+            gamma = global_decision(int(policy.choose(b, active, ctx)))
             ts = time.perf_counter()
             if gamma == 0:
                 st, n_acc = self._call("ar", spec, 0, weights, st)
             else:
                 st, n_acc = self._call("sd", spec, gamma, weights, drafter, st)
             # The one small host read per step (it also ends the step's timing).
-            new_done, new_gen, ctx_len, n_acc = jax.device_get((st.done, st.n_gen, st.cache.lengths, n_acc))
+            new_done, new_gen, ctx_len, n_acc = to_host((st.done, st.n_gen, st.cache.lengths, n_acc))
             rec = dict(step=len(steps), wall_s=time.perf_counter() - ts, batch_bucket=b, active=active,
                        mean_context=ctx, gamma=gamma, emitted=int((new_gen - n_gen)[live].sum()),
                        accepted=[int((n_acc[live] > i).sum()) for i in range(gamma)],
@@ -299,7 +328,7 @@ class Engine:
                 progress(rec["emitted"])
             done, n_gen = new_done, new_gen
         policy.end_rollout()
-        out_tokens, out_logps, lengths = jax.device_get((st.out_tokens, st.out_logps, st.out_len))
+        out_tokens, out_logps, lengths = to_host((st.out_tokens, st.out_logps, st.out_len))
         width = self.max_new_tokens
         tokens = np.where(np.arange(width)[None] < lengths[:n, None], out_tokens[:n, :width], pad_id)
         logps = np.where(np.arange(width)[None] < lengths[:n, None], out_logps[:n, :width], 0.0)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from er_jax import controller
+from er_jax import controller, sharding
 from er_jax.config import ModelConfig, RolloutConfig
 from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
 from er_jax.model import check_kernels, default_kernels, forward, validate_weights
@@ -30,7 +30,7 @@ class SpecRollout:
     def __init__(self, config: ModelConfig, weights, tokenizer=None, *, max_batch: int, max_prompt_len: int,
                  max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
                  kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
-                 seed: int = 0):
+                 seed: int = 0, mesh=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if drafter not in SCHEMES:
@@ -39,6 +39,10 @@ class SpecRollout:
             raise ValueError(f"draft_length must be in [1, {MAX_DRAFT}], got {draft_length}")
         self.config = config
         self.tokenizer = tokenizer
+        # mesh: a sharding.MeshConfig (data, model), a jax Mesh with axes ("data", "model"), or None.
+        self.mesh = mesh.make() if isinstance(mesh, sharding.MeshConfig) else mesh
+        if self.mesh is not None:
+            sharding.check_mesh(config, self.mesh, drafter if mode != "ar" else None)
         self.mode = mode
         self.drafter_scheme = drafter
         self.kernels = check_kernels(kernels or default_kernels())
@@ -46,7 +50,7 @@ class SpecRollout:
         self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
                                              seed=seed)
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
-                             max_new_tokens=max_new_tokens, kernels=self.kernels, kv_budget_bytes=kv_budget_bytes)
+                             max_new_tokens=max_new_tokens, kernels=self.kernels, mesh=self.mesh, kv_budget_bytes=kv_budget_bytes)
         self.weights = None
         self.drafter = None
         self.derive_seconds: list[float] = []
@@ -74,16 +78,22 @@ class SpecRollout:
             raise ValueError(f"update_params: non-finite values (NaN/inf) in {bad}; refusing these weights")
         dt = self.config.jnp_dtype
         self.weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), weights)
+        if self.mesh is not None:
+            self.weights = sharding.shard_weights(self.weights, self.mesh)
         if self.speculates:
             t0 = time.perf_counter()
-            self.drafter = jax.block_until_ready(derive_drafter(self.weights, self.drafter_scheme))
+            drafter = derive_drafter(self.weights, self.drafter_scheme)
+            if self.mesh is not None:
+                drafter = sharding.shard_weights(drafter, self.mesh)
+            self.drafter = jax.block_until_ready(drafter)
             self.derive_seconds.append(time.perf_counter() - t0)
 
     def generate(self, prompts: Sequence, rollout_config: RolloutConfig | None = None, *,
-                 min_new_tokens: Sequence[int] | None = None, progress: Callable[[int], None] | None = None,
-                 trace_path: str | None = None) -> RolloutOutput:
+                 min_new_tokens: Sequence[int] | None = None, max_new_tokens: Sequence[int] | None = None,
+                 progress: Callable[[int], None] | None = None, trace_path: str | None = None) -> RolloutOutput:
         """Sample completions. prompts: strings (tokenized; chat template when the config asks) or token
-        id lists. `min_new_tokens` (per row) suppresses EOS before that many tokens (benchmarks).
+        id lists. `min_new_tokens` (per row) suppresses EOS before that many tokens (benchmarks);
+        `max_new_tokens` (per row, each <= the rollout config's limit) ends each row at its own length.
         `trace_path` appends one JSON line per engine step (time, bucket, rows, context, γ, tokens, intensity)."""
         rc = rollout_config or RolloutConfig()
         token_prompts = self._prompt_tokens(prompts, rc)
@@ -95,11 +105,15 @@ class SpecRollout:
         min_new = np.zeros(n, np.int32) if min_new_tokens is None else np.asarray(min_new_tokens, np.int32)
         if min_new.shape != (n,) or (min_new < 0).any() or (min_new > max_new).any():
             raise ValueError(f"min_new_tokens must be {n} integers in [0, {max_new}], got {min_new_tokens}")
+        limit = np.full(n, max_new, np.int32) if max_new_tokens is None else np.asarray(max_new_tokens, np.int32)
+        if limit.shape != (n,) or (limit < 1).any() or (limit > max_new).any() or (min_new > limit).any():
+            raise ValueError(f"max_new_tokens must be {n} integers in [max(1, min_new_tokens), {max_new}], "
+                             f"got {max_new_tokens}")
         eos = self.config.eos_ids if rc.eos_ids is None else rc.eos_ids
         trace_file = open(trace_path, "a") if trace_path else None
         try:
             out = self.engine.run(self.weights, self.drafter, token_prompts, rc.sampling, seed=rc.seed,
-                                  eos_ids=eos, max_new=np.full(n, max_new, np.int32), min_new=min_new,
+                                  eos_ids=eos, max_new=limit, min_new=min_new,
                                   policy=self.policy, costs=self.costs, pad_id=self.pad_id, progress=progress,
                                   trace=trace_file and (lambda rec: trace_file.write(json.dumps(rec) + "\n")))
         finally:

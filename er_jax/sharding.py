@@ -1,0 +1,163 @@
+"""Data- and tensor-parallel placement over a jax device mesh with axes ("data", "model").
+
+Tensor parallelism is the Megatron split: q/k/v and gate/up are column-parallel (output features, i.e.
+attention heads and MLP columns, over "model"), o and down are row-parallel (input features over
+"model"), the LM head is split over the vocabulary; norms are replicated. The KV cache and the batch are
+split over "data" and KV heads over "model". Everything else is GSPMD: a jitted step over sharded inputs
+is partitioned by XLA, which inserts the all-reduces after row-parallel matmuls. The drafter is derived
+from sharded weights under jit with the same placement; int4 groups (128 input rows) never straddle a
+shard because `check_mesh` requires each shard's input rows to be a whole number of groups.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from er_jax.config import ModelConfig
+
+AXES = ("data", "model")
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # [L, in, out]: out split
+ROW = ("wo", "w_down")  # [L, in, out]: in split
+BIAS = ("bq", "bk", "bv")  # [L, out]: split like their column-parallel weights
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the ("data", "model") mesh axes. data * model devices are used."""
+
+    data: int = 1
+    model: int = 1
+
+    def __post_init__(self):
+        if self.data < 1 or self.model < 1:
+            raise ValueError(f"mesh axes must be >= 1, got data={self.data}, model={self.model}")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.model
+
+    def make(self, devices=None) -> Mesh:
+        devices = list(jax.devices() if devices is None else devices)
+        if len(devices) < self.size:
+            raise ValueError(f"mesh data={self.data} x model={self.model} needs {self.size} devices, only "
+                             f"{len(devices)} are visible (on CPU, set XLA_FLAGS=--xla_force_host_platform_"
+                             f"device_count={self.size} before jax starts)")
+        return Mesh(np.asarray(devices[: self.size]).reshape(self.data, self.model), AXES)
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh, drafter: str | None = "int4", group_size: int = 128) -> None:
+    """Refuse a tensor-parallel degree the model's shapes cannot be split by."""
+    tp = mesh.shape["model"]
+    need = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
+            "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size}
+    bad = [f"{k}={v}" for k, v in need.items() if v % tp]
+    if bad:
+        raise ValueError(f"tensor parallelism model={tp} must divide {', '.join(bad)}; pick a model axis that "
+                         f"divides the head counts, MLP width and vocabulary")
+    if drafter == "int4" and tp > 1:
+        for name, k in (("o (heads * head_dim)", config.num_heads * config.head_dim),
+                        ("down (intermediate_size)", config.intermediate_size)):
+            if (k // tp) % group_size:
+                raise ValueError(f"int4 groups of {group_size} input rows would straddle shards of the "
+                                 f"row-parallel {name} projection: {k} / model={tp} = {k // tp} is not a multiple "
+                                 f"of {group_size}; use a smaller model axis or the int8 drafter")
+
+
+def _spec(path: tuple[str, ...], ndim: int) -> P:
+    """PartitionSpec of one weight leaf (or QuantArray field) from its path in the weights pytree."""
+    name = path[-1]
+    if name in COLUMN:
+        return P(*([None] * (ndim - 1)), "model")
+    if name in ROW:
+        return P(*([None] * (ndim - 2)), "model", None)
+    if name in BIAS:
+        return P(None, "model")
+    if name == "lm_head":
+        return P(None, "model")
+    if name == "embed":
+        return P("model", None)  # vocab rows; the lookup gathers across shards
+    return P()
+
+
+def _key(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def weight_shardings(weights, mesh: Mesh):
+    """NamedShardings for a weights (or drafter) pytree. QuantArray fields follow their projection:
+    int4 packed rows, scales and zeros share the split of the input rows (row-parallel) or of the columns."""
+    def leaf_spec(path, leaf):
+        keys = tuple(_key(p) for p in path)
+        names = [k for k in keys if k in COLUMN + ROW + BIAS or k in ("lm_head", "embed")]
+        proj = names[-1] if names else keys[-1]
+        spec = _spec((proj,), leaf.ndim)
+        if proj in ROW and keys[-1] == "scale" and leaf.shape[-2] == 1:  # int8 per-channel scale [L, 1, N]
+            spec = P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(leaf_spec, weights)
+
+
+def shard_weights(weights, mesh: Mesh):
+    """Place a weights / drafter pytree on the mesh."""
+    return jax.device_put(weights, weight_shardings(weights, mesh))
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+    """[L, B, S, KV, hd]: batch over data, KV heads over model."""
+    return NamedSharding(mesh, P(None, "data", None, "model", None))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Multi-host entry: `jax.distributed.initialize` from arguments or the environment variables
+    ER_JAX_COORDINATOR (host:port), ER_JAX_NUM_PROCESSES, ER_JAX_PROCESS_ID. On managed clusters (TPU pods,
+    SLURM) jax discovers all three itself: set ER_JAX_DISTRIBUTED=1. Returns True when it initialized."""
+    coordinator = coordinator or os.environ.get("ER_JAX_COORDINATOR")
+    if num_processes is None and "ER_JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["ER_JAX_NUM_PROCESSES"])
+    if process_id is None and "ER_JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["ER_JAX_PROCESS_ID"])
+    if coordinator is None and os.environ.get("ER_JAX_DISTRIBUTED") != "1":
+        return False
+    if coordinator is not None and (num_processes is None or process_id is None):
+        raise ValueError("a coordinator address needs num_processes and process_id too "
+                         "(or ER_JAX_NUM_PROCESSES / ER_JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def global_decision(value: int) -> int:
+    """The controller's choice, made identical on every host (process 0's wins): hosts measure their own
+    timings, so their policies could otherwise disagree and run different programs."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def to_host(tree):
+    """device_get that also works for arrays spread over several hosts (all-gathered first)."""
+    if all(getattr(a, "is_fully_addressable", True) for a in jax.tree_util.tree_leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def describe(mesh: Mesh) -> dict:
+    return {"data": int(mesh.shape["data"]), "model": int(mesh.shape["model"]),
+            "devices": [str(d) for d in mesh.devices.reshape(-1)]}
+
+
