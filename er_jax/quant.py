@@ -114,9 +114,6 @@ def derive_drafter(weights, scheme: str = "int4", group_size: int = 128):
 
 
 def projection_bytes(weights) -> int:
-    """Bytes of the seven projections (dense arrays or QuantArrays)."""
-    total = 0
-    for n in PROJECTIONS:
-        w = weights["layers"][n]
-        total += w.nbytes if isinstance(w, QuantArray) else int(w.size * w.dtype.itemsize)
-    return total
+    """Bytes of the seven projections (dense arrays or QuantArrays; stacked or per-layer layout)."""
+    leaves = jax.tree_util.tree_leaves_with_path(weights, is_leaf=lambda x: isinstance(x, QuantArray))
+    return sum(int(w.nbytes) for path, w in leaves if any(getattr(p, "key", None) in PROJECTIONS for p in path))

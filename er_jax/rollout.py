@@ -12,7 +12,7 @@ import numpy as np
 from er_jax import controller, sharding
 from er_jax.config import ModelConfig, RolloutConfig
 from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
-from er_jax.model import check_kernels, default_kernels, forward, validate_weights
+from er_jax.model import check_kernels, default_kernels, forward, unstack_layers, validate_weights
 from er_jax.quant import SCHEMES, derive_drafter, projection_bytes
 from er_jax.sampling import reported_log_probs, token_logprob
 
@@ -30,7 +30,7 @@ class SpecRollout:
     def __init__(self, config: ModelConfig, weights, tokenizer=None, *, max_batch: int, max_prompt_len: int,
                  max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
                  kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
-                 seed: int = 0, mesh=None):
+                 seed: int = 0, mesh=None, layout: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if drafter not in SCHEMES:
@@ -46,6 +46,12 @@ class SpecRollout:
         self.mode = mode
         self.drafter_scheme = drafter
         self.kernels = check_kernels(kernels or default_kernels())
+        # Execution layout of the layer weights: "stacked" (scanned; fast compiles) or "unstacked" (a Python
+        # loop over per-layer arrays: on CPU, XLA copies each layer out of a stacked array, which doubles the
+        # bytes a memory-bound decode step moves). Default: unstacked on a single CPU device.
+        self.layout = layout or ("unstacked" if jax.default_backend() == "cpu" and mesh is None else "stacked")
+        if self.layout not in ("stacked", "unstacked"):
+            raise ValueError(f"layout must be 'stacked' or 'unstacked', got {layout!r}")
         self.costs = controller.ModelCosts.from_config(config, drafter)
         self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
                                              seed=seed)
@@ -77,16 +83,20 @@ class SpecRollout:
         if bad:
             raise ValueError(f"update_params: non-finite values (NaN/inf) in {bad}; refusing these weights")
         dt = self.config.jnp_dtype
-        self.weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), weights)
+        weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), weights)
         if self.mesh is not None:
-            self.weights = sharding.shard_weights(self.weights, self.mesh)
+            weights = sharding.shard_weights(weights, self.mesh)
+        self.weights = self._execution_layout(weights)
         if self.speculates:
             t0 = time.perf_counter()
-            drafter = derive_drafter(self.weights, self.drafter_scheme)
+            drafter = derive_drafter(weights, self.drafter_scheme)
             if self.mesh is not None:
                 drafter = sharding.shard_weights(drafter, self.mesh)
-            self.drafter = jax.block_until_ready(drafter)
+            self.drafter = jax.block_until_ready(self._execution_layout(drafter))
             self.derive_seconds.append(time.perf_counter() - t0)
+
+    def _execution_layout(self, weights):
+        return unstack_layers(weights) if self.layout == "unstacked" else weights
 
     def generate(self, prompts: Sequence, rollout_config: RolloutConfig | None = None, *,
                  min_new_tokens: Sequence[int] | None = None, max_new_tokens: Sequence[int] | None = None,

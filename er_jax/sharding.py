@@ -75,7 +75,7 @@ def _spec(path: tuple[str, ...], ndim: int) -> P:
     if name in ROW:
         return P(*([None] * (ndim - 2)), "model", None)
     if name in BIAS:
-        return P(None, "model")
+        return P(*([None] * (ndim - 1)), "model")
     if name == "lm_head":
         return P(None, "model")
     if name == "embed":

@@ -62,7 +62,8 @@ def test_kv_cache_identical_in_ar_and_sd_and_drafter_bytes():
 
 def test_update_params_rederives_and_refuses_bad_weights():
     cfg, w = tiny_model()
-    r = SpecRollout(cfg, w, mode="sd", draft_length=2, max_batch=2, max_prompt_len=4, max_new_tokens=4)
+    r = SpecRollout(cfg, w, mode="sd", draft_length=2, max_batch=2, max_prompt_len=4, max_new_tokens=4,
+                    layout="stacked")
     old = r.drafter["layers"]["wq"].scale
     w2 = jax.tree_util.tree_map(lambda a: a * 1.5, w)
     r.update_params(w2)
