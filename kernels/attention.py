@@ -15,7 +15,8 @@ power of two >= 16) and the visible blocks of its row are divided evenly among t
 (dynamically, from max(q_pos[b]), so short rows do not leave most splits idle). Each runs an online
 softmax; with one split it normalizes and writes the output, otherwise it writes (o, m, l) partials
 that the wrapper merges. A cache length S that is not a multiple of the tile re-reads its last tile at
-the clamped start S - block_s with the overlap masked off (no copy of the cache).
+the clamped start S - block_s with the overlap masked off (no copy of the cache). The cache may also be
+passed stacked [L, B, S, KV, hd] with a (traced) `layer` index, read in place.
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ MAX_SPLITS = 32
 _NEG = -1e30  # running-max start: finite, so rows with nothing visible yet never produce inf - inf
 
 
-def _attention_kernel(q_ref, pos_ref, k_ref, v_ref, *out_refs, block_s, seq_len, splits, sqrt_hd,
+def _attention_kernel(layer_ref, q_ref, pos_ref, k_ref, v_ref, *out_refs, block_s, seq_len, splits, sqrt_hd,
                       precision):
-    # q_ref [R, hd], pos_ref int32 [R], k_ref / v_ref [S, hd]; out: o [R, hd] or (o f32, m, l) partials
+    # layer_ref int32 [1]; q_ref [R, hd]; pos_ref int32 [R]; k_ref / v_ref [L, S, hd];
+    # out: o [R, hd] or (o f32, m, l) partials
+    layer = layer_ref[0]
     q = q_ref[...]
     pos = pos_ref[...]
     n_blocks = pl.cdiv(seq_len, block_s)
@@ -51,8 +54,8 @@ def _attention_kernel(q_ref, pos_ref, k_ref, v_ref, *out_refs, block_s, seq_len,
     def body(i, carry):
         o, m, l = carry
         start, idx, fresh = clamped_tile(i, block_s, seq_len)
-        kb = k_ref[pl.ds(start, block_s), :]
-        vb = v_ref[pl.ds(start, block_s), :]
+        kb = k_ref[layer, pl.ds(start, block_s), :]
+        vb = v_ref[layer, pl.ds(start, block_s), :]
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) / sqrt_hd
         visible = fresh[None, :] & (idx[None, :] <= pos[:, None])
@@ -83,9 +86,12 @@ def _auto_splits(batch: int, kv_heads: int, n_blocks: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("block_s", "num_splits", "interpret"))
-def _ragged_attention(q, k, v, q_pos, *, block_s, num_splits, interpret):
+def _ragged_attention(q, k, v, q_pos, layer, *, block_s, num_splits, interpret):
+    if k.ndim == 4:  # one layer's cache is a stack of one (a free reshape)
+        k, v, layer = k[None], v[None], 0
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     b, t, h, hd = q.shape
-    seq, kvh = k.shape[1], k.shape[2]
+    seq, kvh = k.shape[2], k.shape[3]
     g = h // kvh
     r = t * g
     rp = max(MIN_DOT, next_pow2(r))
@@ -97,24 +103,25 @@ def _ragged_attention(q, k, v, q_pos, *, block_s, num_splits, interpret):
     pos = jnp.minimum(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), seq - 1)
     pos = jnp.pad(pos, ((0, 0), (0, rp - r)))
     if seq < MIN_DOT:  # tiny caches only (tests): one padded tile
-        k = jnp.pad(k, ((0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
-    s_len = k.shape[1]
-    bs = min(block_s or DEFAULT_BLOCK_S, prev_pow2(s_len))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
+    n_layers, s_len = k.shape[0], k.shape[2]
+    # Default tile: [rows, block_s] f32 scores stay around 4096 elements (register budget per program).
+    bs = min(block_s or max(MIN_DOT, min(DEFAULT_BLOCK_S, 4096 // rp)), prev_pow2(s_len))
     n_blocks = -(-s_len // bs)
     splits = min(num_splits or _auto_splits(b, kvh, n_blocks), n_blocks)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_attention_kernel, block_s=bs, seq_len=s_len, splits=splits,
                                sqrt_hd=math.sqrt(hd), precision=precision)
-    in_specs = [pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)),
-                pl.BlockSpec((None, rp), lambda i, j, s: (i, 0)),
-                pl.BlockSpec((None, s_len, None, hd), lambda i, j, s: (i, 0, j, 0)),
-                pl.BlockSpec((None, s_len, None, hd), lambda i, j, s: (i, 0, j, 0))]
+    kv_spec = pl.BlockSpec((n_layers, None, s_len, None, hd), lambda i, j, s: (0, i, 0, j, 0))
+    in_specs = [pl.BlockSpec((1,), lambda i, j, s: (0,)),
+                pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)),
+                pl.BlockSpec((None, rp), lambda i, j, s: (i, 0)), kv_spec, kv_spec]
     call = functools.partial(pl.pallas_call, kernel, grid=(b, kvh, splits), in_specs=in_specs,
                              interpret=interpret, name="ragged_attention")
     if splits == 1:
         o = call(out_shape=jax.ShapeDtypeStruct((b, kvh, rp, hd), q.dtype),
-                 out_specs=pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)))(qr, pos, k, v)
+                 out_specs=pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)))(layer, qr, pos, k, v)
     else:
         o, m, l = call(
             out_shape=(jax.ShapeDtypeStruct((b, kvh, splits, rp, hd), jnp.float32),
@@ -122,7 +129,7 @@ def _ragged_attention(q, k, v, q_pos, *, block_s, num_splits, interpret):
                        jax.ShapeDtypeStruct((b, kvh, splits, rp), jnp.float32)),
             out_specs=(pl.BlockSpec((None, None, None, rp, hd), lambda i, j, s: (i, j, s, 0, 0)),
                        pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0)),
-                       pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))))(qr, pos, k, v)
+                       pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))))(layer, qr, pos, k, v)
         m_all = jnp.max(m, axis=2, keepdims=True)
         w = jnp.exp(m - m_all)  # splits that saw nothing have l = 0, o = 0
         l_all = jnp.sum(l * w, axis=2)
@@ -132,31 +139,40 @@ def _ragged_attention(q, k, v, q_pos, *, block_s, num_splits, interpret):
     return o.reshape(b, t, h, hd)
 
 
-def ragged_attention(q, k, v, q_pos, *, block_s=None, num_splits=None, interpret=None):
+def ragged_attention(q, k, v, q_pos, *, layer=None, block_s=None, num_splits=None, interpret=None):
     """Causal GQA attention of queries at absolute positions `q_pos` over one layer's contiguous cache.
 
     q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T] (>= 0). Returns [B, T, H, hd] in q.dtype,
-    equal to `er_jax.model.attention_reference(q, k, v, q_pos)`. block_s: power-of-two key tile
-    (default 128, shrunk for short caches); num_splits: programs per (row, KV head) (default: enough
+    equal to `er_jax.model.attention_reference(q, k, v, q_pos)`. With `layer` (an int, traced or not),
+    k and v are the whole stacked cache [L, B, S, KV, hd] and layer `layer` is read in place (inside a
+    scan over layers this avoids the copy XLA makes of `k_all[i]` to feed a custom call). block_s: power-of-two key tile
+    (default 128, less when T * H / KV > 32 query rows share a program, and for short caches); num_splits: programs per (row, KV head) (default: enough
     for ~256 programs); interpret: default True on CPU.
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected q [B, T, H, hd] and k, v [B, S, KV, hd]; got {q.shape}, {k.shape}, {v.shape}")
+    kv_rank = 4 if layer is None else 5
+    if q.ndim != 4 or k.ndim != kv_rank or v.ndim != kv_rank:
+        raise ValueError(f"expected q [B, T, H, hd] and k, v [B, S, KV, hd] (or [L, B, S, KV, hd] with `layer`); "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if layer is not None and (jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
+        raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+    if isinstance(layer, int) and not 0 <= layer < k.shape[0]:
+        raise ValueError(f"layer {layer} is out of range for {k.shape[0]} stacked layers")
     b, t, h, hd = q.shape
-    if k.shape[0] != b or k.shape[3] != hd:
+    kb, s_len, kvh, khd = k.shape[-4:]
+    if kb != b or khd != hd:
         raise ValueError(f"k / v {k.shape} do not match q {q.shape} in batch or head_dim")
-    if h % k.shape[2]:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({k.shape[2]})")
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
     if q_pos.shape != (b, t) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
         raise ValueError(f"q_pos must be an int array of shape {(b, t)}, got {q_pos.dtype} {q_pos.shape}")
-    if k.shape[1] < 1:
+    if s_len < 1:
         raise ValueError("the cache must hold at least one position")
     check_positive_pow2("block_s", block_s)
     if block_s is not None and block_s < MIN_DOT:
         raise ValueError(f"block_s must be >= {MIN_DOT} (tl.dot tile), got {block_s}")
     if num_splits is not None and int(num_splits) < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    return _ragged_attention(q, k, v, q_pos, block_s=block_s, num_splits=num_splits,
+    return _ragged_attention(q, k, v, q_pos, layer, block_s=block_s, num_splits=num_splits,
                              interpret=resolve_interpret(interpret))

@@ -14,6 +14,7 @@ Kernel: grid (N blocks, M blocks, K splits). Each program loops over its K range
   even and odd columns (x is small), so acc += (x_even @ (lo - z) + x_odd @ (hi - z)) * s_group.
 (q - z) is an exact integer in x.dtype; the dot accumulates in f32. With more than one K split (decode:
 few output blocks, many SMs to fill) the programs write f32 partials that the wrapper sums.
+Weights may also come stacked [L, ...] with a (traced) `layer` index, read in place by the kernel.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from er_jax.kernels import MIN_DOT, check_positive_pow2, fit_block, next_pow2, r
 from er_jax.quant import QuantArray, dequantize
 
 TARGET_PROGRAMS = 256  # split K until about this many programs run (memory-bound decode on ~132 SMs)
-DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, DEFAULT_BLOCK_K = 64, 128, 256
+DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, DEFAULT_BLOCK_K = 64, 128, 128
 
 
 def quant_matmul_reference(x, qa: QuantArray):
@@ -43,31 +44,36 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, steps, precision):
-    # x_ref [bm, steps*bk], w_ref int8 [steps*bk, bn], s_ref f32 [1, bn], o_ref [bm, bn] (or f32 partial)
+def _int8_kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, *, block_k, steps, precision):
+    # layer_ref int32 [1]; x_ref [bm, steps*bk]; w_ref int8 [L, steps*bk, bn]; s_ref f32 [L, 1, bn];
+    # o_ref [bm, bn] (x.dtype, or an f32 partial with several K splits)
+    layer = layer_ref[0]
+
     def body(i, acc):
         kk = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         xk = x_ref[:, kk]
-        wk = w_ref[kk, :].astype(xk.dtype)
+        wk = w_ref[layer, kk, :].astype(xk.dtype)
         return acc + lax.dot(xk, wk, precision=precision, preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
+    o_ref[...] = (acc * s_ref[layer]).astype(o_ref.dtype)
 
 
-def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref, *, half_group, steps, precision):
-    # xe/xo [bm, steps*G/2] (even / odd columns of x), w_ref uint8 [steps*G/2, bn],
-    # s_ref f32 / z_ref uint8 [steps, bn], o_ref [bm, bn]
+def _int4_kernel(layer_ref, xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref, *, half_group, steps, precision):
+    # xe/xo [bm, steps*G/2] (even / odd columns of x); w_ref uint8 [L, steps*G/2, bn];
+    # s_ref f32 / z_ref uint8 [L, steps, bn]; o_ref [bm, bn]
+    layer = layer_ref[0]
+
     def body(g, acc):
         rows = pl.ds(pl.multiple_of(g * half_group, half_group), half_group)
-        packed = w_ref[rows, :].astype(jnp.int32)
-        z = z_ref[pl.ds(g, 1), :].astype(jnp.int32)
+        packed = w_ref[layer, rows, :].astype(jnp.int32)
+        z = z_ref[layer, pl.ds(g, 1), :].astype(jnp.int32)
         xe, xo = xe_ref[:, rows], xo_ref[:, rows]
         lo = ((packed & 0xF) - z).astype(xe.dtype)
         hi = ((packed >> 4) - z).astype(xe.dtype)
         part = (lax.dot(xe, lo, precision=precision, preferred_element_type=jnp.float32)
                 + lax.dot(xo, hi, precision=precision, preferred_element_type=jnp.float32))
-        return acc + part * s_ref[pl.ds(g, 1), :]
+        return acc + part * s_ref[layer, pl.ds(g, 1), :]
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -87,8 +93,13 @@ def _pad_to(a, shape, value=0):
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "split_k", "interpret"))
-def _quant_matmul(x, qa, *, block_m, block_n, block_k, split_k, interpret):
-    k, n = qa.in_features, qa.data.shape[-1]
+def _quant_matmul(x, qa, layer, *, block_m, block_n, block_k, split_k, interpret):
+    stacked = qa.data.ndim == 3
+    if not stacked:  # a plain [K, N] weight is a stack of one layer (a free reshape)
+        qa = jax.tree_util.tree_map(lambda a: a[None], qa)
+        layer = 0
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    nl, k, n = qa.data.shape[0], qa.in_features, qa.data.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -99,16 +110,16 @@ def _quant_matmul(x, qa, *, block_m, block_n, block_k, split_k, interpret):
 
     if qa.scheme == "int8":
         bk, kp = fit_block(k, block_k or DEFAULT_BLOCK_K)
-        data = _pad_to(qa.data, (kp, np_))
-        scale = _pad_to(qa.scale, (1, np_), 1.0)
+        data = _pad_to(qa.data, (nl, kp, np_))
+        scale = _pad_to(qa.scale, (nl, 1, np_), 1.0)
         xs = (_pad_to(x2, (mp, kp)),)
         k_steps = kp // bk
     else:
         gs = qa.group_size
-        kp = 2 * qa.data.shape[0]
-        data = _pad_to(qa.data, (kp // 2, np_))
-        scale = _pad_to(qa.scale, (kp // gs, np_), 1.0)
-        zero = _pad_to(qa.zero, (kp // gs, np_))
+        kp = 2 * qa.data.shape[1]
+        data = _pad_to(qa.data, (nl, kp // 2, np_))
+        scale = _pad_to(qa.scale, (nl, kp // gs, np_), 1.0)
+        zero = _pad_to(qa.zero, (nl, kp // gs, np_))
         xp = _pad_to(x2, (mp, kp))
         xs = (xp[:, 0::2], xp[:, 1::2])  # the codes of packed row j multiply x[:, 2j] and x[:, 2j+1]
         k_steps = kp // gs
@@ -120,18 +131,20 @@ def _quant_matmul(x, qa, *, block_m, block_n, block_k, split_k, interpret):
     steps = k_steps // split
     x_cols = xs[0].shape[1] // split
 
+    # Weight blocks span the whole layer axis: with Triton a block is a pointer view, so only the tiles
+    # of `layer` are ever loaded (no copy of a layer slice outside the kernel).
+    layer_spec = pl.BlockSpec((1,), lambda j, i, s: (0,))
     x_spec = pl.BlockSpec((bm, x_cols), lambda j, i, s: (i, s))
+    w_spec = pl.BlockSpec((nl, data.shape[1] // split, bn), lambda j, i, s: (0, s, j))
     if qa.scheme == "int8":
         kernel = functools.partial(_int8_kernel, block_k=bk, steps=steps, precision=precision)
-        in_specs = [x_spec, pl.BlockSpec((kp // split, bn), lambda j, i, s: (s, j)),
-                    pl.BlockSpec((1, bn), lambda j, i, s: (0, j))]
-        operands = (*xs, data, scale)
+        in_specs = [layer_spec, x_spec, w_spec, pl.BlockSpec((nl, 1, bn), lambda j, i, s: (0, 0, j))]
+        operands = (layer, *xs, data, scale)
     else:
         kernel = functools.partial(_int4_kernel, half_group=gs // 2, steps=steps, precision=precision)
-        group_spec = pl.BlockSpec((steps, bn), lambda j, i, s: (s, j))
-        in_specs = [x_spec, x_spec, pl.BlockSpec((kp // 2 // split, bn), lambda j, i, s: (s, j)),
-                    group_spec, group_spec]
-        operands = (*xs, data, scale, zero)
+        group_spec = pl.BlockSpec((nl, steps, bn), lambda j, i, s: (0, s, j))
+        in_specs = [layer_spec, x_spec, x_spec, w_spec, group_spec, group_spec]
+        operands = (layer, *xs, data, scale, zero)
 
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((mp, np_), x.dtype)
@@ -146,20 +159,27 @@ def _quant_matmul(x, qa, *, block_m, block_n, block_k, split_k, interpret):
     return y[:m, :n].astype(x.dtype).reshape(*lead, n)
 
 
-def quant_matmul(x, qa: QuantArray, *, block_m=None, block_n=None, block_k=None, split_k=None,
+def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, block_k=None, split_k=None,
                  interpret=None):
-    """x [..., K] (bf16 / f16 / f32) @ W ([K, N] QuantArray, no leading layer axis) -> [..., N] in x.dtype,
-    f32 accumulation.
+    """x [..., K] (bf16 / f16 / f32) @ W -> [..., N] in x.dtype, f32 accumulation.
 
-    block_m / block_n / block_k: power-of-two tile sizes (default 64 / 128 / 256, shrunk to fit; int4
+    W is a [K, N] QuantArray, or with `layer` (an int, traced or not) layer `layer` of a stacked
+    [L, K, N] QuantArray, read in place: inside a scan over layers this avoids the copy XLA makes
+    when it slices a layer out of the stack to feed a custom call.
+
+    block_m / block_n / block_k: power-of-two tile sizes (default 64 / 128 / 128, shrunk to fit; int4
     always steps one quantization group of K). split_k: number of K ranges run in parallel (default:
     enough for ~256 programs). interpret: default True on CPU.
     """
     if not isinstance(qa, QuantArray):
         raise ValueError(f"quant_matmul needs an er_jax.quant.QuantArray, got {type(qa).__name__}")
-    if qa.data.ndim != 2:
-        raise ValueError(f"quant_matmul takes one [K, N] weight; got data of shape {qa.data.shape} (index the "
-                         "layer axis first, e.g. inside the scan over layers)")
+    if qa.data.ndim != (2 if layer is None else 3):
+        raise ValueError(f"quant_matmul takes a [K, N] weight, or a stacked [L, K, N] one with `layer`; got data "
+                         f"of shape {qa.data.shape} and layer={layer!r}")
+    if layer is not None and (jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
+        raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+    if isinstance(layer, int) and not 0 <= layer < qa.data.shape[0]:
+        raise ValueError(f"layer {layer} is out of range for {qa.data.shape[0]} stacked layers")
     if qa.scheme not in ("int4", "int8"):
         raise ValueError(f"unknown QuantArray scheme {qa.scheme!r}")
     if x.ndim < 1 or x.shape[-1] != qa.in_features:
@@ -169,13 +189,13 @@ def quant_matmul(x, qa: QuantArray, *, block_m=None, block_n=None, block_k=None,
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         check_positive_pow2(name, value)
     if qa.scheme == "int4":
-        if qa.group_size % 2 or qa.data.shape[0] * 2 % qa.group_size:
-            raise ValueError(f"int4 data with {qa.data.shape[0]} packed rows does not hold whole groups of "
+        if qa.group_size % 2 or qa.data.shape[-2] * 2 % qa.group_size:
+            raise ValueError(f"int4 data with {qa.data.shape[-2]} packed rows does not hold whole groups of "
                              f"{qa.group_size}")
         if block_k is not None and block_k != qa.group_size:
             raise ValueError(f"int4 steps one quantization group at a time: block_k must be None or "
                              f"{qa.group_size}, got {block_k}")
     if split_k is not None and int(split_k) < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
-    return _quant_matmul(x, qa, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
+    return _quant_matmul(x, qa, layer, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
                          interpret=resolve_interpret(interpret))

@@ -65,12 +65,24 @@ def test_quant_matmul_matches_reference(scheme, case):
     assert_close(y, quant_matmul_reference(x, qa), dtype)
 
 
+def test_quant_matmul_reads_a_layer_of_a_stacked_weight_in_a_scan():
+    """`layer=i` on stacked [L, K, N] weights (traced inside a scan) equals the per-layer product."""
+    w, x = _normal(0, (3, 200, 48)), _normal(1, (3, 200))
+    for qa in (quantize_int4(w), quantize_int8(w)):
+        per_layer = [jax.tree_util.tree_map(lambda a, i=i: a[i], qa) for i in range(3)]
+        scan = jax.jit(lambda x, qa: jax.lax.scan(
+            lambda c, i: (c, quant_matmul(x, qa, layer=i, interpret=True)), 0, jnp.arange(3))[1])
+        got = scan(x, qa)
+        for i in range(3):
+            assert_close(got[i], quant_matmul_reference(x, per_layer[i]), jnp.float32)
+
+
 def test_quant_matmul_rejects_bad_input():
     qa = quantize_int4(_normal(0, (256, 32)))
     x = _normal(1, (2, 256))
     with pytest.raises(ValueError, match="last axis"):
         quant_matmul(_normal(1, (2, 255)), qa)
-    with pytest.raises(ValueError, match="layer axis"):
+    with pytest.raises(ValueError, match="stacked"):
         quant_matmul(x, quantize_int4(_normal(0, (2, 256, 32))))
     with pytest.raises(ValueError, match="power of two"):
         quant_matmul(x, qa, block_n=48)
@@ -78,6 +90,8 @@ def test_quant_matmul_rejects_bad_input():
         quant_matmul(x, qa, block_k=256)
     with pytest.raises(ValueError, match="QuantArray"):
         quant_matmul(x, _normal(0, (256, 32)))
+    with pytest.raises(ValueError, match="out of range"):
+        quant_matmul(x, quantize_int4(_normal(0, (2, 256, 32))), layer=2)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -117,6 +131,19 @@ def test_ragged_attention_skips_blocks_past_the_longest_row():
     assert_close(out, attention_reference(q, k, v, q_pos), jnp.float32)
 
 
+def test_ragged_attention_reads_a_layer_of_the_stacked_cache_in_a_scan():
+    """`layer=i` on the stacked [L, B, S, KV, hd] cache (traced inside a scan) equals attention over k[i]."""
+    n_layers, b, t, h, kv, hd, s = 3, 2, 3, 4, 2, 16, 40
+    q, k, v = _normal(0, (b, t, h, hd)), _normal(1, (n_layers, b, s, kv, hd)), _normal(2, (n_layers, b, s, kv, hd))
+    q_pos = jnp.array([[5, 6, 7], [30, 31, 32]], jnp.int32)
+    scan = jax.jit(lambda q, k, v: jax.lax.scan(
+        lambda c, i: (c, ragged_attention(q, k, v, q_pos, layer=i, block_s=16, interpret=True)), 0,
+        jnp.arange(n_layers))[1])
+    got = scan(q, k, v)
+    for i in range(n_layers):
+        assert_close(got[i], attention_reference(q, k[i], v[i], q_pos), jnp.float32)
+
+
 def test_ragged_attention_rejects_bad_input():
     q, k = _normal(0, (2, 1, 4, 16)), _normal(1, (2, 8, 2, 16))
     pos = jnp.zeros((2, 1), jnp.int32)
@@ -128,6 +155,10 @@ def test_ragged_attention_rejects_bad_input():
         ragged_attention(q, k, k[:, :4], pos)
     with pytest.raises(ValueError, match="batch or head_dim"):
         ragged_attention(q, k[:1], k[:1], pos)
+    with pytest.raises(ValueError, match="L, B, S, KV, hd"):
+        ragged_attention(q, k, k, pos, layer=0)
+    with pytest.raises(ValueError, match="out of range"):
+        ragged_attention(q, k[None], k[None], pos, layer=1)
 
 
 # ----------------------------------------------------------------------------- rejection sampling
@@ -273,14 +304,13 @@ E2E_CONFIG = ModelConfig(vocab_size=64, hidden_size=160, intermediate_size=96, n
                          num_kv_heads=2, head_dim=16, name="tiny-kernels")
 
 
-@pytest.mark.parametrize("drafter", [None, "int4", "int8"])
+@pytest.mark.parametrize("drafter", ["int4", "int8"])
 def test_forward_pallas_equals_xla(drafter):
-    """Greedy logits of a tiny random model (target or derived drafter): kernels="pallas" vs "xla",
-    without a cache (teacher forcing) and with a ragged cache (verify-style T = 4 at rows' own lengths)."""
+    """Greedy logits of a tiny random model's derived drafter (Pallas matmul and attention):
+    kernels="pallas" vs "xla", without a cache (teacher forcing) and with a ragged cache (verify-style
+    T = 4 at the rows' own lengths)."""
     cfg = E2E_CONFIG
-    w = init_weights(cfg, jax.random.key(0), scale=0.3)
-    if drafter:
-        w = derive_drafter(w, drafter)
+    w = derive_drafter(init_weights(cfg, jax.random.key(0), scale=0.3), drafter)
     toks = jax.random.randint(jax.random.key(1), (2, 7), 0, cfg.vocab_size)
     a, b = (_forward(cfg, w, toks, kernels=kn) for kn in ("pallas", "xla"))
     assert_close(a, b, jnp.float32)
