@@ -115,7 +115,8 @@ def bench_matmul(models, ms, interpret, reps, max_layers):
                 print(f"{name:13s} {proj:8s} M={m:3d} K={k:6d} N={n:6d} | GB/s  pallas int4 "
                       f"{row['pallas_int4_GBps']:8.1f}  int8 {row['pallas_int8_GBps']:8.1f}  sliced int4 "
                       f"{row['pallas_sliced_int4_GBps']:8.1f} | xla int4 "
-                      f"{row['xla_int4_GBps']:8.1f}  int8 {row['xla_int8_GBps']:8.1f} | bf16 {row['dense_bf16_GBps']:8.1f}"
+                      f"{row['xla_int4_GBps']:8.1f}  int8 {row['xla_int8_GBps']:8.1f} | bf16 "
+                      f"{row['dense_bf16_GBps']:8.1f}"
                       f" | err {row['pallas_int4_max_rel_err']:.1e}", flush=True)
     return rows
 
@@ -189,7 +190,8 @@ def bench_attention(models, max_len, contexts, batches, ts, n_layers, interpret,
                     rows.append(row)
                     print(f"attention {name:13s} B={b:3d} T={t:2d} ctx={ctx:5d}/{max_len} | pallas "
                           f"{row['pallas_us']:9.1f} us ({row['pallas_GBps']:7.1f} GB/s)  sliced "
-                          f"{row['pallas_sliced_us']:9.1f} us  xla {row['xla_us']:9.1f} us  x{row['speedup_vs_xla']:.2f}"
+                          f"{row['pallas_sliced_us']:9.1f} us  xla {row['xla_us']:9.1f} us  "
+                          f"x{row['speedup_vs_xla']:.2f}"
                           f" | err {err:.1e}", flush=True)
     return rows
 

@@ -145,9 +145,10 @@ def ragged_attention(q, k, v, q_pos, *, layer=None, block_s=None, num_splits=Non
     q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T] (>= 0). Returns [B, T, H, hd] in q.dtype,
     equal to `er_jax.model.attention_reference(q, k, v, q_pos)`. With `layer` (an int, traced or not),
     k and v are the whole stacked cache [L, B, S, KV, hd] and layer `layer` is read in place (inside a
-    scan over layers this avoids the copy XLA makes of `k_all[i]` to feed a custom call). block_s: power-of-two key tile
-    (default 128, less when T * H / KV > 32 query rows share a program, and for short caches); num_splits: programs per (row, KV head) (default: enough
-    for ~256 programs); interpret: default True on CPU.
+    scan over layers this avoids the copy XLA makes of `k_all[i]` to feed a custom call).
+    block_s: power-of-two key tile (default 128; less when more than 32 query rows T * H / KV share a
+    program, and for short caches). num_splits: programs per (row, KV head) (default: enough for ~256
+    programs). interpret: default True on CPU.
     """
     kv_rank = 4 if layer is None else 5
     if q.ndim != 4 or k.ndim != kv_rank or v.ndim != kv_rank:
