@@ -68,16 +68,20 @@ def attention_reference(q, k, v, q_pos):
     return o.reshape(b, t, h, hd).astype(q.dtype)
 
 
-def _attention(q, k, v, q_pos, kernels):
+def _attention(q, k, v, q_pos, kernels, layer=None):
+    """k, v: one layer's keys/values [B, S, KV, hd], or the stacked cache [L, B, S, KV, hd] with `layer`
+    (the Pallas kernel then reads the layer in place instead of a sliced copy)."""
     if kernels == "pallas":
         from er_jax.kernels.attention import ragged_attention
-        return ragged_attention(q, k, v, q_pos)
+        return ragged_attention(q, k, v, q_pos, layer=layer)
+    if layer is not None:
+        k, v = k[layer], v[layer]
     return attention_reference(q, k, v, q_pos)
 
 
 def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels):
-    """One decoder layer. `kv_write(k_new, v_new) -> (k_all, v_all)` stores this layer's new K/V and
-    returns the keys/values to attend over."""
+    """One decoder layer. `kv_write(k_new, v_new) -> (k, v, layer)` stores this layer's new K/V and
+    returns the keys/values to attend over (see `_attention`)."""
     b, t, _ = x.shape
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
     y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
@@ -87,8 +91,8 @@ def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels):
     q = rope(q.reshape(b, t, h, hd), positions, config.rope_theta)
     k = rope(k.reshape(b, t, kvh, hd), positions, config.rope_theta)
     v = v.reshape(b, t, kvh, hd)
-    k_all, v_all = kv_write(k, v)
-    o = _attention(q, k_all, v_all, positions, kernels)
+    k_all, v_all, layer = kv_write(k, v)
+    o = _attention(q, k_all, v_all, positions, kernels, layer)
     x = x + linear(o.reshape(b, t, h * hd), lw["wo"], kernels)
     y = rms_norm(x, lw["mlp_norm"], config.rms_norm_eps)
     g = linear(y, lw["w_gate"], kernels)
@@ -122,7 +126,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     unstacked = isinstance(layers, (list, tuple))  # see unstack_layers
     if cache is None:
         def body(x, lw):
-            return _layer(config, lw, x, positions, lambda k, v: (k, v), kernels), None
+            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), kernels), None
 
         if unstacked:
             for lw in layers:
@@ -140,7 +144,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
                 nonlocal k_all, v_all
                 k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype))
                 v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
-                return k_all[i], v_all[i]
+                return k_all, v_all, i
 
             x = _layer(config, lw, x, positions, kv_write, kernels)
             return (x, k_all, v_all), None
