@@ -5,6 +5,9 @@ import argparse
 import json
 import sys
 
+from er_jax import calibration
+from er_jax.rl import train
+
 DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
                    "Explain photosynthesis in one sentence.", "What is 17 + 25?")
 
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--json", help="write prompts, completions and stats to this file")
     g.set_defaults(fn=cmd_generate)
+    train.register(sub)  # train (GRPO)
+    calibration.register(sub)  # sweep, calibrate, validate, predict, plot, bench
     return p
 
 

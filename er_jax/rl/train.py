@@ -1,0 +1,203 @@
+"""`er-jax train`: GRPO with speculative rollouts. Writes RUN_DIR/metrics.jsonl (one line per step),
+RUN_DIR/config.json, PNG plots (reward, rollout time, τ and γ per step) and Orbax checkpoints in
+RUN_DIR/checkpoints (every --save-every steps and at the end); --resume continues from the latest one."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+MODELS = ("smollm2", "tiny")
+DEFAULT_LR = {"tiny": 3e-3}  # others: 1e-6
+
+
+def build_model(name: str, seed: int = 0, dtype: str = "float32"):
+    """(config, weights, tokenizer) for "tiny" (random init from `seed`), "smollm2" or a model path."""
+    import jax
+
+    if name == "tiny":
+        from er_jax.model import init_weights
+        from er_jax.rl.tasks import tiny_model_config
+        cfg = tiny_model_config(dtype=dtype)
+        return cfg, init_weights(cfg, jax.random.key(seed), scale=0.1), None
+    import er_jax
+    m = er_jax.load_model(name, dtype=dtype)
+    return m.config, m.weights, m.tokenizer
+
+
+def grpo_config_from_args(args):
+    from er_jax.rl.grpo import GRPOConfig
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.model, 1e-6)
+    return GRPOConfig(prompts_per_step=args.prompts_per_step, samples=args.samples,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, lr=lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                      clip_eps=args.clip_eps, kl_coef=args.kl_coef, updates_per_rollout=args.updates_per_rollout,
+                      micro_batch=args.micro_batch, seed=args.seed, mode=args.mode, draft_length=args.draft_length,
+                      drafter=args.drafter, save_every=args.save_every)
+
+
+def make_trainer(args, ckpt_dir: str | None = None):
+    from er_jax.rl.grpo import Trainer
+    from er_jax.rl.tasks import make_task
+
+    cfg = grpo_config_from_args(args)
+    config, weights, tokenizer = build_model(args.model, args.seed, args.dtype)
+    kw = {"max_operand": args.max_operand} if args.task == "arithmetic" else {}
+    task = make_task(args.task, tokenizer=tokenizer, config=config, seed=args.seed,
+                     max_new_tokens=cfg.max_new_tokens, **kw)
+    return Trainer(config, weights, task, cfg, tokenizer=tokenizer, ckpt_dir=ckpt_dir,
+                   calibration=args.calibration)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------
+def plot_run(metrics: list[dict], out_dir: str, label: str = "") -> list[str]:
+    """reward.png, rollout_time.png, tau_gamma.png in out_dir. Returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        return []
+    steps = [m["step"] for m in metrics]
+    paths = []
+
+    def save(fig, name):
+        p = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [m["reward"] for m in metrics], marker="o", ms=3)
+    ax.set(xlabel="step", ylabel="mean reward", title=f"reward {label}".strip())
+    ax.grid(alpha=0.3)
+    save(fig, "reward.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [m["rollout_s"] for m in metrics], marker="o", ms=3, label="rollout")
+    ax.plot(steps, [m["train_s"] for m in metrics], marker="s", ms=3, label="train (incl. drafter derivation)")
+    ax.set(xlabel="step", ylabel="seconds", title=f"time per step {label}".strip())
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "rollout_time.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    tau = [m["tau"] if m["tau"] is not None else float("nan") for m in metrics]
+    ax.plot(steps, tau, marker="o", ms=3, color="C0", label="τ (tokens / SD step)")
+    ax.plot(steps, [m["gamma_mean"] if m["sd_steps"] else float("nan") for m in metrics], marker="s", ms=3,
+            color="C1", label="mean γ of SD steps")
+    ax.set(xlabel="step", ylabel="tokens", title=f"τ and γ {label}".strip())
+    ax2 = ax.twinx()
+    ax2.plot(steps, [m["sd_on_fraction"] for m in metrics], ls="--", color="C2", label="SD-on fraction")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("SD-on fraction")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, "tau_gamma.png")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from er_jax.rl.grpo import write_jsonl
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    ckpt = os.path.join(out, "checkpoints")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    has_ckpt = os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
+    if has_ckpt and not args.resume:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or use a new --out")
+    trainer = make_trainer(args, ckpt)
+    history = []
+    if args.resume and has_ckpt:
+        start = trainer.restore()
+        history = [m for m in _read_jsonl(metrics_path) if m["step"] < start]
+        print(f"resumed from step {start} ({ckpt})", file=sys.stderr)
+    write_jsonl(metrics_path, history, mode="w")  # drops lines of steps after the checkpoint (a killed run)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"argv": sys.argv[1:], "args": vars(args) | {"fn": None}, "grpo": trainer.cfg.to_dict(),
+                   "task": trainer.task.describe(), "model": trainer.config.name}, f, indent=1, default=str)
+    if args.warmup:
+        t0 = time.perf_counter()
+        info = trainer.warmup()
+        print(f"compiled in {time.perf_counter() - t0:.1f} s ({info})", file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=trainer.step_count, desc=f"train {args.mode}", unit="step",
+               disable=args.no_progress)
+    try:
+        while trainer.step_count < args.steps:
+            m = trainer.step()
+            history.append(m)
+            write_jsonl(metrics_path, [m])
+            bar.set_postfix(reward=f"{m['reward']:.3f}", rollout=f"{m['rollout_s']:.1f}s",
+                            tau=f"{m['tau']:.2f}" if m["tau"] else "-", sd=f"{m['sd_on_fraction']:.2f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        plot_run(history, out, f"({args.model}, {args.task}, {args.mode})")
+    if args.save_every:
+        if trainer.latest_checkpoint() != trainer.step_count:
+            trainer.save()
+    trainer.close()
+    last = history[-1] if history else {}
+    n = len(history)
+    if n:
+        mean = lambda k: sum(h[k] for h in history) / n
+        print(f"{trainer.step_count} steps: final reward {last['reward']:.3f}, rollout {mean('rollout_s'):.2f} s/step, "
+              f"end-to-end {mean('step_s'):.2f} s/step, SD-on {mean('sd_on_fraction'):.2f}; metrics in {metrics_path}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the `train` sub-command to an argparse sub-parser collection."""
+    t = sub.add_parser("train", help="GRPO training with speculative rollouts (metrics, plots, checkpoints)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", default="smollm2", help='"smollm2", "tiny" (from scratch), a .gguf file or an HF dir')
+    t.add_argument("--task", default="arithmetic", choices=("arithmetic", "tiny"))
+    t.add_argument("--steps", type=int, default=10, help="total training steps (a resumed run continues)")
+    t.add_argument("--mode", default="adaptive", choices=("ar", "sd", "toggle", "adaptive", "auto"))
+    t.add_argument("--out", required=True, help="run directory: metrics.jsonl, plots, checkpoints/")
+    t.add_argument("--prompts-per-step", type=int, default=4)
+    t.add_argument("--samples", type=int, default=4, help="G: completions per prompt")
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 3e-3 tiny, 1e-6 otherwise)")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--clip-eps", type=float, default=0.2)
+    t.add_argument("--kl-coef", type=float, default=0.0, help="β of the k3 KL to the initial policy (0: off)")
+    t.add_argument("--updates-per-rollout", type=int, default=1)
+    t.add_argument("--micro-batch", type=int, default=None, help="rows per gradient chunk")
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--top-k", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--draft-length", type=int, default=5)
+    t.add_argument("--drafter", default="int4", choices=("int4", "int8"))
+    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    t.add_argument("--max-operand", type=int, default=20, help="arithmetic: operands in [1, this]")
+    t.add_argument("--calibration", default=None, help="controller constants (JSON from a calibration run)")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--no-warmup", dest="warmup", action="store_false", help="compile lazily instead of up front")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
