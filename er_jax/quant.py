@@ -37,7 +37,12 @@ class QuantArray:
     @property
     def nbytes(self) -> int:
         leaves = [self.data, self.scale] + ([] if self.zero is None else [self.zero])
-        return int(sum(a.size * a.dtype.itemsize for a in leaves))
+        return sum(_nbytes(a) for a in leaves)
+
+
+def _nbytes(a) -> int:
+    """Bytes of an array or of a `jax.ShapeDtypeStruct` (which has no `nbytes` in every jax version)."""
+    return int(a.size) * jnp.dtype(a.dtype).itemsize
 
 
 def quantize_int8(w) -> QuantArray:
@@ -116,4 +121,5 @@ def derive_drafter(weights, scheme: str = "int4", group_size: int = 128):
 def projection_bytes(weights) -> int:
     """Bytes of the seven projections (dense arrays or QuantArrays; stacked or per-layer layout)."""
     leaves = jax.tree_util.tree_leaves_with_path(weights, is_leaf=lambda x: isinstance(x, QuantArray))
-    return sum(int(w.nbytes) for path, w in leaves if any(getattr(p, "key", None) in PROJECTIONS for p in path))
+    return sum(w.nbytes if isinstance(w, QuantArray) else _nbytes(w)
+               for path, w in leaves if any(getattr(p, "key", None) in PROJECTIONS for p in path))

@@ -326,6 +326,9 @@ def main():
                          "some stages keeps the other stages' results already in the JSON.")
     ap.add_argument("--tv-rows", type=int, default=16, help="prompts (every k-th) sampled for the tv stage")
     ap.add_argument("--replot", action="store_true", help="re-write JSON table and PNG from the existing JSON")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the settings (γ, drafter, weights) already in the JSON and measure only the missing "
+                         "ones (refused when the JSON's prompts, tokens, seed or noise differ from this run's)")
     args = ap.parse_args()
     gammas = args.gammas or ([3, 5] if args.quick else [3, 5, 7, 9, 11])
     new_tokens = args.new_tokens or (16 if args.quick else 128)
@@ -335,7 +338,7 @@ def main():
     png_path = os.path.join(out_dir, "acceptance_smollm2.png")
     stages = [] if args.replot else args.stages
     old = {}
-    if (args.replot or "sd" not in stages) and os.path.exists(json_path):
+    if (args.replot or args.resume or "sd" not in stages) and os.path.exists(json_path):
         with open(json_path) as f:
             old = json.load(f)
 
@@ -432,12 +435,23 @@ def main():
 
     if "sd" in stages:
         rc = er_jax.RolloutConfig(temperature=1.0, top_p=1.0, top_k=None, seed=args.seed, apply_chat_template=True)
-        results = {d: {v: {} for v in variants} for d in args.drafters}
-        t_sd = time.perf_counter()
+        kept = {}
+        if args.resume and old:
+            s = old["setup"]
+            same = (s["prompt_list"] == prompts, s["new_tokens_per_row"] == new_tokens, s["seed"] == args.seed,
+                    f"std {args.noise:g} x" in old["weight_variants"]["perturbed"])
+            if not all(same):
+                raise SystemExit(f"--resume: {json_path} was measured with other prompts / tokens / seed / noise "
+                                 f"(matches: {same}); run without --resume to start over")
+            kept = old["results"]
+        results = {d: {v: dict(kept.get(d, {}).get(v, {})) for v in variants} for d in args.drafters}
+        t_sd = time.perf_counter() - stage_wall.get("sd", 0.0) if kept else time.perf_counter()
         for gamma in gammas:
             for drafter in args.drafters:
                 r = None
                 for var, w in variants.items():
+                    if str(gamma) in results[drafter][var]:
+                        continue  # measured by an earlier run (--resume)
                     if r is None:
                         r = er_jax.SpecRollout(m.config, w, m.tokenizer, max_batch=64,
                                                max_prompt_len=max(map(len, ids)), max_new_tokens=new_tokens,
