@@ -121,7 +121,7 @@ def _step_keys(st: DecodeState):
 
 
 def ar_step(spec: StepSpec, weights, st: DecodeState):
-    logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, kernels=spec.kernels)
+    logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, kernels=spec.kernels, mesh=spec.mesh)
     logits = logits[:, 0]
     tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
@@ -133,9 +133,9 @@ def sd_step(spec: StepSpec, gamma: int, weights, drafter, st: DecodeState):
     keys = _step_keys(st)
     k_draft, k_verify = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     cache, d_tok, d_logits = draft(spec.config, drafter, st.cache, st.last, spec.sampling, k_draft, gamma,
-                                   spec.kernels)
+                                   spec.kernels, spec.mesh)
     cache, n_acc, tokens, logps = verify(spec.config, weights, cache, st.last, d_tok, d_logits,
-                                         spec.sampling, k_verify, spec.kernels)
+                                         spec.sampling, k_verify, spec.kernels, spec.mesh)
     return _emit(spec, st, tokens, logps, n_acc + 1, cache), n_acc
 
 
@@ -143,7 +143,7 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
     """Feed padded prompts (int [B, P]) into an empty cache and sample each row's first token."""
     cache = KVCache(st.cache.k, st.cache.v, jnp.zeros_like(prompt_lens))
     logits, cache = forward(spec.config, weights, prompts, cache, logit_index=(prompt_lens - 1)[:, None],
-                            kernels=spec.kernels)
+                            kernels=spec.kernels, mesh=spec.mesh)
     logits = logits[:, 0]
     tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)

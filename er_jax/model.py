@@ -45,8 +45,13 @@ def rope(x, positions, theta):
     return out.astype(x.dtype)
 
 
-def linear(x, w, kernels: str):
+def linear(x, w, kernels: str, name: str | None = None, mesh=None):
+    """x @ w. A QuantArray (the drafter's projection `name`) goes to the quantized matmul; with Pallas kernels
+    on a mesh, the kernel runs per shard (er_jax.kernels.sharded)."""
     if isinstance(w, QuantArray):
+        if kernels == "pallas" and mesh is not None:
+            from er_jax.kernels import sharded
+            return sharded.quant_matmul(x, w, name, mesh)
         return quant_matmul(x, w, kernels=kernels)
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -68,9 +73,12 @@ def attention_reference(q, k, v, q_pos):
     return o.reshape(b, t, h, hd).astype(q.dtype)
 
 
-def _attention(q, k, v, q_pos, kernels, layer=None):
+def _attention(q, k, v, q_pos, kernels, layer=None, mesh=None):
     """k, v: one layer's keys/values [B, S, KV, hd], or the stacked cache [L, B, S, KV, hd] with `layer`
     (the Pallas kernel then reads the layer in place instead of a sliced copy)."""
+    if kernels == "pallas" and mesh is not None:
+        from er_jax.kernels import sharded
+        return sharded.ragged_attention(q, k, v, q_pos, layer, mesh)
     if kernels == "pallas":
         from er_jax.kernels.attention import ragged_attention
         return ragged_attention(q, k, v, q_pos, layer=layer)
@@ -79,25 +87,24 @@ def _attention(q, k, v, q_pos, kernels, layer=None):
     return attention_reference(q, k, v, q_pos)
 
 
-def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels):
+def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels, mesh):
     """One decoder layer. `kv_write(k_new, v_new) -> (k, v, layer)` stores this layer's new K/V and
     returns the keys/values to attend over (see `_attention`)."""
+    mm = lambda y, n: linear(y, lw[n], kernels, n, mesh)
     b, t, _ = x.shape
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
     y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
-    q, k, v = (linear(y, lw[n], kernels) for n in ("wq", "wk", "wv"))
+    q, k, v = (mm(y, n) for n in ("wq", "wk", "wv"))
     if config.qkv_bias:
         q, k, v = q + lw["bq"].astype(q.dtype), k + lw["bk"].astype(k.dtype), v + lw["bv"].astype(v.dtype)
     q = rope(q.reshape(b, t, h, hd), positions, config.rope_theta)
     k = rope(k.reshape(b, t, kvh, hd), positions, config.rope_theta)
     v = v.reshape(b, t, kvh, hd)
     k_all, v_all, layer = kv_write(k, v)
-    o = _attention(q, k_all, v_all, positions, kernels, layer)
-    x = x + linear(o.reshape(b, t, h * hd), lw["wo"], kernels)
+    o = _attention(q, k_all, v_all, positions, kernels, layer, mesh)
+    x = x + mm(o.reshape(b, t, h * hd), "wo")
     y = rms_norm(x, lw["mlp_norm"], config.rms_norm_eps)
-    g = linear(y, lw["w_gate"], kernels)
-    u = linear(y, lw["w_up"], kernels)
-    return x + linear(jax.nn.silu(g) * u, lw["w_down"], kernels)
+    return x + mm(jax.nn.silu(mm(y, "w_gate")) * mm(y, "w_up"), "w_down")
 
 
 def logits_from_hidden(config: ModelConfig, weights, x):
@@ -108,7 +115,7 @@ def logits_from_hidden(config: ModelConfig, weights, x):
 
 
 def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, *,
-            logit_index=None, kernels: str = "xla"):
+            logit_index=None, kernels: str = "xla", mesh=None):
     """Run the decoder on `tokens` (int [B, T]).
 
     Without `cache`: teacher-forced causal forward over positions 0..T-1; returns logits [B, T, V] (f32).
@@ -116,6 +123,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     With `cache`: the new tokens sit at positions `cache.lengths[b] + t`; their K/V are written there and
     each attends to all cached positions before it. Returns `(logits, cache)` with `lengths` unchanged.
     `logit_index` (int [B, K]) selects which of the T positions get logits ([B, K, V]); default all.
+    `mesh`: the ("data", "model") mesh the inputs are placed on, so Pallas kernels run per shard.
     """
     b, t = tokens.shape
     x = weights["embed"][tokens].astype(config.jnp_dtype)
@@ -126,7 +134,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     unstacked = isinstance(layers, (list, tuple))  # see unstack_layers
     if cache is None:
         def body(x, lw):
-            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), kernels), None
+            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), kernels, mesh), None
 
         if unstacked:
             for lw in layers:
@@ -146,7 +154,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
                 v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
                 return k_all, v_all, i
 
-            x = _layer(config, lw, x, positions, kv_write, kernels)
+            x = _layer(config, lw, x, positions, kv_write, kernels, mesh)
             return (x, k_all, v_all), None
 
         carry = (x, cache.k, cache.v)

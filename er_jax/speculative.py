@@ -53,7 +53,7 @@ def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: Sa
 
 
 def draft(config: ModelConfig, drafter, cache: KVCache, last, sc: SamplingConfig, keys, gamma: int,
-          kernels: str):
+          kernels: str, mesh=None):
     """γ drafter steps from `last` (int [B], the not-yet-fed token at position cache.lengths).
 
     Writes provisional K/V at lengths..lengths+γ-1 of the shared cache. Returns (cache, draft tokens
@@ -63,7 +63,7 @@ def draft(config: ModelConfig, drafter, cache: KVCache, last, sc: SamplingConfig
 
     def body(carry, i):
         k, v, tok = carry
-        logits, c = forward(config, drafter, tok[:, None], KVCache(k, v, start + i), kernels=kernels)
+        logits, c = forward(config, drafter, tok[:, None], KVCache(k, v, start + i), kernels=kernels, mesh=mesh)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
         nxt = sample(step_keys, log_probs(logits[:, 0], sc), sc.greedy)
         return (c.k, c.v, nxt), (nxt, logits[:, 0])
@@ -73,12 +73,15 @@ def draft(config: ModelConfig, drafter, cache: KVCache, last, sc: SamplingConfig
 
 
 def verify(config: ModelConfig, weights, cache: KVCache, last, draft_tokens, draft_logits,
-           sc: SamplingConfig, keys, kernels: str):
+           sc: SamplingConfig, keys, kernels: str, mesh=None):
     """One target forward over [last, d_0..d_{γ-1}] (overwriting the drafter's K/V) and rejection
     sampling. Returns (cache, n_accepted, tokens [B, γ+1], logprobs [B, γ+1])."""
     seq = jnp.concatenate([last[:, None], draft_tokens], axis=1)
-    target_logits, cache = forward(config, weights, seq, cache, kernels=kernels)
-    if kernels == "pallas":
+    target_logits, cache = forward(config, weights, seq, cache, kernels=kernels, mesh=mesh)
+    if kernels == "pallas" and mesh is not None:
+        from er_jax.kernels import sharded
+        n, tokens, logprobs = sharded.rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, mesh)
+    elif kernels == "pallas":
         from er_jax.kernels.rejection import rejection_sample
         n, tokens, logprobs = rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys)
     else:

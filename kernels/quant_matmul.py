@@ -92,8 +92,8 @@ def _pad_to(a, shape, value=0):
     return a if all(p == (0, 0) for p in pads) else jnp.pad(a, pads, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "split_k", "interpret"))
-def _quant_matmul(x, qa, layer, *, block_m, block_n, block_k, split_k, interpret):
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "split_k", "out_dtype", "interpret"))
+def _quant_matmul(x, qa, layer, *, block_m, block_n, block_k, split_k, out_dtype, interpret):
     stacked = qa.data.ndim == 3
     if not stacked:  # a plain [K, N] weight is a stack of one layer (a free reshape)
         qa = jax.tree_util.tree_map(lambda a: a[None], qa)
@@ -147,7 +147,7 @@ def _quant_matmul(x, qa, layer, *, block_m, block_n, block_k, split_k, interpret
         operands = (layer, *xs, data, scale, zero)
 
     if split == 1:
-        out_shape = jax.ShapeDtypeStruct((mp, np_), x.dtype)
+        out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda j, i, s: (i, j))
     else:
         out_shape = jax.ShapeDtypeStruct((split, mp, np_), jnp.float32)
@@ -156,12 +156,12 @@ def _quant_matmul(x, qa, layer, *, block_m, block_n, block_k, split_k, interpret
                        out_specs=out_spec, interpret=interpret, name=f"quant_matmul_{qa.scheme}")(*operands)
     if split > 1:
         y = jnp.sum(y, axis=0)
-    return y[:m, :n].astype(x.dtype).reshape(*lead, n)
+    return y[:m, :n].astype(out_dtype).reshape(*lead, n)
 
 
 def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, block_k=None, split_k=None,
-                 interpret=None):
-    """x [..., K] (bf16 / f16 / f32) @ W -> [..., N] in x.dtype, f32 accumulation.
+                 out_dtype=None, interpret=None):
+    """x [..., K] (bf16 / f16 / f32) @ W -> [..., N] in `out_dtype` (default x.dtype), f32 accumulation.
 
     W is a [K, N] QuantArray, or with `layer` (an int, traced or not) layer `layer` of a stacked
     [L, K, N] QuantArray, read in place: inside a scan over layers this avoids the copy XLA makes
@@ -169,7 +169,8 @@ def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, b
 
     block_m / block_n / block_k: power-of-two tile sizes (default 64 / 128 / 128, shrunk to fit; int4
     always steps one quantization group of K). split_k: number of K ranges run in parallel (default:
-    enough for ~256 programs). interpret: default True on CPU.
+    enough for ~256 programs). out_dtype: e.g. f32 for partial sums that are reduced across shards.
+    interpret: default True on CPU.
     """
     if not isinstance(qa, QuantArray):
         raise ValueError(f"quant_matmul needs an er_jax.quant.QuantArray, got {type(qa).__name__}")
@@ -198,4 +199,4 @@ def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, b
     if split_k is not None and int(split_k) < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     return _quant_matmul(x, qa, layer, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-                         interpret=resolve_interpret(interpret))
+                         out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=resolve_interpret(interpret))

@@ -1,0 +1,85 @@
+"""The Pallas kernels on a ("data", "model") device mesh: each runs per shard under `jax.shard_map`.
+
+GSPMD cannot partition a Pallas call (an opaque custom call): left to itself it would gather every operand
+onto each device. Here each kernel sees only its shard, laid out as `er_jax.sharding` places the weights and
+the KV cache (batch over "data", attention heads / MLP columns over "model"):
+
+- quant_matmul, column-parallel projection (q/k/v, gate/up): x is whole along K on every model shard and
+  the weight's columns are split, so each shard computes its own output columns; nothing is exchanged.
+- quant_matmul, row-parallel projection (o, down): x and the weight's rows (int4: packed rows, scales and
+  zero points; groups never straddle shards, `check_mesh`) are split along K; each shard computes an f32
+  partial product and one `psum` over "model" adds them, the all-reduce GSPMD inserts for a dense dot.
+- attention: query heads and their KV heads are split alike over "model" (heads [s*H/tp, (s+1)*H/tp) use
+  KV heads [s*KV/tp, (s+1)*KV/tp), so grouped-query pairs never cross a shard), rows over "data".
+- rejection: rows over "data"; the vocabulary of the logits is gathered (sampling needs all of it).
+"""
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from er_jax.quant import QuantArray
+
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")
+ROW = ("wo", "w_down")
+
+
+def _rows(ndim: int, last=None) -> P:
+    """Batch (first axis) over "data", the last axis over `last`, the rest whole."""
+    return P("data", *([None] * (ndim - 2)), last)
+
+
+def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh):
+    """x [B, ..., K] @ projection `name` (a [K, N] QuantArray placed by er_jax.sharding) on `mesh`."""
+    from er_jax.kernels.quant_matmul import quant_matmul as kernel
+
+    if name in COLUMN:
+        split, x_spec, out_spec, k_local = P(None, "model"), _rows(x.ndim), _rows(x.ndim, "model"), qa.in_features
+    elif name in ROW:
+        split, x_spec, out_spec = P("model", None), _rows(x.ndim, "model"), _rows(x.ndim)
+        k_local = qa.in_features // mesh.shape["model"]
+    else:
+        raise ValueError(f"no tensor-parallel layout for projection {name!r}; expected one of {COLUMN + ROW}")
+    fields = (qa.data, qa.scale) + (() if qa.zero is None else (qa.zero,))
+    # int8's per-column scale [1, N] of a row-parallel weight is whole on every shard.
+    specs = (split, P() if name in ROW and qa.scheme == "int8" else split) + (() if qa.zero is None else (split,))
+
+    def shard(xs, data, scale, zero=None):
+        w = QuantArray(data, scale, zero, qa.scheme, k_local, qa.group_size)
+        if name in COLUMN:
+            return kernel(xs, w)
+        return jax.lax.psum(kernel(xs, w, out_dtype="float32"), "model").astype(xs.dtype)
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(x_spec, *specs), out_specs=out_spec,
+                         check_vma=False)(x, *fields)
+
+
+def ragged_attention(q, k, v, q_pos, layer, mesh: Mesh):
+    """`er_jax.kernels.attention.ragged_attention` per shard: q [B, T, H, hd], k / v one layer [B, S, KV, hd]
+    or the stacked cache [L, B, S, KV, hd] with `layer`."""
+    from er_jax.kernels.attention import ragged_attention as kernel
+
+    heads = P("data", None, "model", None)
+    cache = heads if layer is None else P(None, "data", None, "model", None)
+    if layer is None:
+        def shard(qs, ks, vs, ps):
+            return kernel(qs, ks, vs, ps)
+        args, specs = (q, k, v, q_pos), (heads, cache, cache, P("data", None))
+    else:
+        def shard(qs, ks, vs, ps, layer):
+            return kernel(qs, ks, vs, ps, layer=layer)
+        args, specs = (q, k, v, q_pos, layer), (heads, cache, cache, P("data", None), P())
+    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
+
+
+def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, mesh: Mesh):
+    """`er_jax.kernels.rejection.rejection_sample` per "data" shard (whole vocabulary per row)."""
+    from er_jax.kernels.rejection import rejection_sample as kernel
+
+    def shard(t, d, x, k):
+        return kernel(t, d, x, sc, k)
+
+    rows3, rows2 = P("data", None, None), P("data", None)
+    return jax.shard_map(shard, mesh=mesh, in_specs=(rows3, rows3, rows2, P("data")),
+                         out_specs=(P("data"), rows2, rows2), check_vma=False)(target_logits, draft_logits,
+                                                                               draft_tokens, keys)
