@@ -71,6 +71,7 @@ class StepSpec:
     eos_ids: tuple[int, ...]
     kernels: str
     mesh: Mesh | None = None
+    forced_acceptance: float | None = None  # bench only (see Engine): not lossless
 
 
 def _place(spec: StepSpec, st: DecodeState) -> DecodeState:
@@ -136,6 +137,10 @@ def sd_step(spec: StepSpec, gamma: int, weights, drafter, st: DecodeState):
                                    spec.kernels, spec.mesh)
     cache, n_acc, tokens, logps = verify(spec.config, weights, cache, st.last, d_tok, d_logits,
                                          spec.sampling, k_verify, spec.kernels, spec.mesh)
+    if spec.forced_acceptance is not None:  # bench only: i.i.d. Bernoulli(α) acceptances replace the test
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (gamma,)))(k_verify)
+        n_acc = jnp.sum(jnp.cumprod(u < spec.forced_acceptance, axis=1), axis=1).astype(jnp.int32)
+        tokens = jnp.concatenate([d_tok, tokens[:, -1:]], axis=1)  # any ids will do: rows have forced lengths
     return _emit(spec, st, tokens, logps, n_acc + 1, cache), n_acc
 
 
@@ -175,13 +180,21 @@ class Engine:
 
     def __init__(self, config: ModelConfig, *, max_batch: int, max_prompt_len: int, max_new_tokens: int,
                  max_draft: int = MAX_DRAFT, kernels: str = "xla", kv_budget_bytes: int | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, forced_acceptance: float | None = None):
+        """forced_acceptance (benchmarks only): every speculative step accepts each draft position with this
+        probability, independently, instead of running the rejection test, so a random-weight model of a real
+        size drafts as well as a measured real one. Output tokens are then NOT samples of the target (and not
+        lossless); it exists to time rollouts at a chosen acceptance, with forced row lengths."""
         for name, val in (("max_batch", max_batch), ("max_prompt_len", max_prompt_len),
                           ("max_new_tokens", max_new_tokens)):
             if int(val) < 1:
                 raise ValueError(f"{name} must be >= 1, got {val}")
         if not 0 <= max_draft <= MAX_DRAFT:
             raise ValueError(f"max_draft must be in [0, {MAX_DRAFT}], got {max_draft}")
+        if forced_acceptance is not None and not 0 <= forced_acceptance <= 1:
+            raise ValueError(f"forced_acceptance must be in [0, 1] (or None: exact verification), got "
+                             f"{forced_acceptance}")
+        self.forced_acceptance = None if forced_acceptance is None else float(forced_acceptance)
         self.config = config
         self.mesh = mesh
         self.data_parallel = 1 if mesh is None else int(mesh.shape["data"])
@@ -230,7 +243,7 @@ class Engine:
         """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket), a step per
         (batch bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
         before = self.compile_count
-        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh)
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh, self.forced_acceptance)
         buckets = [self.data_parallel << i for i in range(int(math.log2(self.max_batch // self.data_parallel)) + 1)]
         pbs = sorted({prompt_bucket(p) for p in (prompt_lens or [self.max_prompt_len])})
         for b in buckets:
@@ -281,7 +294,7 @@ class Engine:
         `costs` (controller.ModelCosts) adds each step's FLOPs and bytes moved to its record."""
         n = len(prompts)
         bucket = batch_bucket(n, self.data_parallel)
-        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh)
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh, self.forced_acceptance)
         plens = np.array([len(p) for p in prompts], np.int32)
         pb = prompt_bucket(int(plens.max()))
         padded = np.full((bucket, pb), pad_id, np.int32)

@@ -25,12 +25,13 @@ class SpecRollout:
     mode: "ar" (plain decode), "sd" (always speculate with `draft_length`), "toggle" (the paper's
     roofline toggle, fixed γ), "adaptive" (toggle + γ ladder: the paper's full method), "auto" (per-step
     argmin of predicted time per emitted token over γ in {0} + ladder).
+    forced_acceptance: benchmarks of random-weight models only; see `Engine` (output is not lossless).
     """
 
     def __init__(self, config: ModelConfig, weights, tokenizer=None, *, max_batch: int, max_prompt_len: int,
                  max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
                  kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
-                 seed: int = 0, mesh=None, layout: str | None = None):
+                 seed: int = 0, mesh=None, layout: str | None = None, forced_acceptance: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if drafter not in SCHEMES:
@@ -56,7 +57,8 @@ class SpecRollout:
         self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
                                              seed=seed)
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
-                             max_new_tokens=max_new_tokens, kernels=self.kernels, mesh=self.mesh, kv_budget_bytes=kv_budget_bytes)
+                             max_new_tokens=max_new_tokens, kernels=self.kernels, mesh=self.mesh,
+                             kv_budget_bytes=kv_budget_bytes, forced_acceptance=forced_acceptance)
         self.weights = None
         self.drafter = None
         self.derive_seconds: list[float] = []
@@ -131,7 +133,8 @@ class SpecRollout:
                 trace_file.close()
         out.stats.update(mode=self.mode, kernels=self.kernels, kv_cache_bytes=self.engine.kv_bytes,
                          drafter_bytes=self.drafter_bytes, compile_count=self.engine.compile_count,
-                         drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None)
+                         drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None,
+                         forced_acceptance=self.engine.forced_acceptance)
         return out
 
     def warmup(self, rollout_config: RolloutConfig | None = None, prompt_lens=None) -> int:

@@ -153,3 +153,17 @@ def test_pallas_kernels_end_to_end_equal_xla():
     np.testing.assert_array_equal(outs["pallas"].tokens, outs["xla"].tokens)
     np.testing.assert_allclose(outs["pallas"].logprobs, outs["xla"].logprobs, atol=1e-4)
     assert outs["pallas"].stats["kernels"] == "pallas" and outs["pallas"].stats["sd_steps"] > 0
+
+
+def test_forced_acceptance_is_a_bench_only_bernoulli_acceptance():
+    from er_jax.controller import expected_tau
+    cfg, w = tiny_model(seed=3, scale=0.5)
+    with pytest.raises(ValueError, match="forced_acceptance"):
+        SpecRollout(cfg, w, mode="sd", max_batch=2, max_prompt_len=4, max_new_tokens=4, forced_acceptance=1.5)
+    r = SpecRollout(cfg, w, mode="sd", draft_length=5, max_batch=16, max_prompt_len=4, max_new_tokens=200,
+                    forced_acceptance=0.8, layout="stacked")
+    out = r.generate([[1, 2, 3]] * 16, er_jax.RolloutConfig(), min_new_tokens=[200] * 16)
+    assert (out.lengths == 200).all() and out.stats["forced_acceptance"] == 0.8
+    # ~900 row-steps: the standard error of τ is about 0.06; allow 5 of them.
+    assert abs(out.stats["tau"] - expected_tau(0.8, 5)) < 0.3, out.stats["tau"]
+    assert all(abs(a - 0.8) < 0.06 for a in out.stats["acceptance_per_position"][:3])
