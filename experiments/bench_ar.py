@@ -2,9 +2,15 @@
 against the memory roofline (weight bytes + KV bytes per step over the measured copy bandwidth).
 
     python experiments/bench_ar.py [--batches 1 16] [--new-tokens 64]
+    python experiments/bench_ar.py --presets qwen2.5-1.5b qwen2.5-7b --batches 1 8 32 64   # GPU: real shapes
 
 Both systems decode greedily the same chat prompts for exactly the same number of new tokens (EOS does
 not stop either), in f32. Writes experiments/results/bench_ar_<machine>.json and prints a table.
+
+With --presets (for a GPU; the SmolLM2 / transformers comparison is skipped): random weights of a real model's
+shapes in the backend's dtype (bf16 on GPU), the engine's jitted AR step timed at each batch size with
+--context cached tokens per row (er_jax.calibration.sweep), against the memory roofline: weight bytes +
+the K/V the step reads, over the measured copy bandwidth.
 """
 from __future__ import annotations
 
@@ -59,12 +65,43 @@ def hf_run(m_path, gguf_file, ids, new_tokens, reps, pad_id):
     return min(times)
 
 
+def preset_rows(presets, batches, context: int, reps: int, bw: float) -> list[dict]:
+    """AR step time of random-weight real-size shapes vs the memory roofline (one row per preset x batch)."""
+    from er_jax.calibration import resolve_model, sweep
+    from er_jax.controller import ModelCosts
+
+    rows = []
+    for name in presets:
+        m = resolve_model(preset=name)
+        costs = ModelCosts.from_config(m.config)
+        for rec in sweep(m.config, m.weights, batches=batches, contexts=[context], gammas=[0], reps=reps,
+                         progress=False):
+            step_bytes = costs.target_bytes + costs.kv_bytes_per_token * rec["batch"] * context
+            roof = step_bytes / bw
+            rows.append({"preset": name, "dtype": m.config.dtype, "batch": rec["batch"], "context": context,
+                         "step_ms": 1e3 * rec["wall_s"], "roofline_step_ms": 1e3 * roof,
+                         "fraction_of_roofline": roof / rec["wall_s"], "step_bytes": step_bytes})
+            print(f"{name:14s} B={rec['batch']:3d} S={context}: step {1e3 * rec['wall_s']:7.2f} ms vs roofline "
+                  f"{1e3 * roof:7.2f} ms ({roof / rec['wall_s']:.0%})", flush=True)
+        del m
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--presets", nargs="+", help="time these shape presets (random weights) instead of SmolLM2")
+    ap.add_argument("--context", type=int, default=1024, help="--presets: cached tokens per row")
     args = ap.parse_args()
+    if args.presets:
+        bw = copy_bandwidth()
+        rows = preset_rows(args.presets, args.batches, args.context, max(args.reps, 5), bw)
+        payload = {"benchmark": "bench_ar_presets", "machine": machine(), "copy_bandwidth_GBps": bw / 1e9,
+                   "rows": rows}
+        print("wrote", write_json(f"bench_ar_presets_{machine_tag()}.json", payload))
+        return
 
     import er_jax
     from er_jax.io.registry import smollm2_path
