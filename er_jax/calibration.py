@@ -519,11 +519,12 @@ def workload(m: LoadedModel, n_prompts: int, samples: int, *, lengths: str = "lo
 def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequence[str] = controller.MODES,
                   repeats: int = 3, drafter: str = "int4", draft_length: int = 5,
                   ladder: Sequence[int] = controller.DEFAULT_LADDER, calibration=None, temperature: float = 1.0,
-                  seed: int = 0, trace_dir: str | None = None, log=print) -> dict:
+                  seed: int = 0, trace_dir: str | None = None, log=print, mesh=None) -> dict:
     """Run every mode on the same workload in one process, `repeats` times each (modes rotated per repeat),
     after warm-up. Each mode keeps its own policy across repeats (so toggle / adaptive carry τ from rollout to
     rollout and auto its online calibration, as in training); all share one SpecRollout (weights, drafter,
-    compiled steps). Returns the result dict (per-mode medians and per-repeat details)."""
+    compiled steps; sharded over `mesh`, a sharding.MeshConfig or jax Mesh, when one is given). Returns the result
+    dict (per-mode medians and per-repeat details)."""
     from er_jax.rollout import SpecRollout
 
     modes = list(dict.fromkeys(modes))
@@ -535,7 +536,7 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
     n = len(prompts)
     r = SpecRollout(m.config, m.weights, m.tokenizer, max_batch=n, max_prompt_len=max(map(len, prompts)),
                     max_new_tokens=max_new, drafter=drafter, mode="sd", draft_length=draft_length,
-                    calibration=calibration, seed=seed)
+                    calibration=calibration, seed=seed, mesh=mesh)
     policies = {mode: controller.make_policy(mode, r.costs, draft_length=draft_length, ladder=ladder,
                                              calibration=calibration, seed=seed) for mode in modes}
     rc = RolloutConfig(temperature=temperature, seed=seed)
@@ -599,7 +600,12 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
 
 def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
     """The `er-jax bench rollout` / experiments/bench_rollout.py entry point."""
+    from er_jax.sharding import parse_mesh, start_distributed
+
     t_start = time.perf_counter()
+    mesh = parse_mesh(getattr(args, "mesh", None))  # a bad --mesh fails before anything starts
+    if getattr(args, "distributed", False):
+        start_distributed()  # before any jax device is touched (here: by loading the model)
     if not args.model and not args.preset:
         args.model = "smollm2"
     m = resolve_model(args.model, args.preset, args.layers, args.dtype, seed=args.seed)
@@ -613,7 +619,7 @@ def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
     res = bench_rollout(m, prompts=prompts, lengths=lengths, max_new=args.max_new_tokens, modes=args.modes,
                         repeats=args.repeats, drafter=args.drafter, draft_length=args.draft_length,
                         ladder=args.ladder, calibration=args.calibration, temperature=args.temperature,
-                        seed=args.seed, trace_dir=args.trace_dir)
+                        seed=args.seed, trace_dir=args.trace_dir, mesh=mesh)
     out = args.out or default_out
     png = args.png or os.path.splitext(out)[0] + ".png"
     result = dict(benchmark="bench_rollout", machine=machine(),
@@ -623,6 +629,7 @@ def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
                                 row_lengths=None if lengths is None else lengths.tolist(),
                                 temperature=args.temperature, seed=args.seed),
                   config=dict(drafter=args.drafter, draft_length=args.draft_length, ladder=list(args.ladder),
+                              mesh=None if mesh is None else [mesh.data, mesh.model],
                               repeats=args.repeats, calibration=args.calibration,
                               hw=None if args.calibration else controller.defaults_for(
                                   controller.current_platform()).to_dict()),
@@ -767,6 +774,10 @@ def add_bench_rollout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-dir", help="append each mode's per-step JSONL trace to DIR/trace_<mode>.jsonl")
     p.add_argument("--out", help="result JSON (default: bench_rollout.json)")
     p.add_argument("--png", help="timeline PNG (default: the JSON's name with .png)")
+    p.add_argument("--mesh", help="DATA,MODEL: shard the rollout over a data- x tensor-parallel device mesh, "
+                   "e.g. 2,4 (default: one device)")
+    p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize from "
+                   "ER_JAX_COORDINATOR / ER_JAX_NUM_PROCESSES / ER_JAX_PROCESS_ID, or ER_JAX_DISTRIBUTED=1")
 
 
 def register(sub) -> None:

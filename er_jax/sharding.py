@@ -49,6 +49,28 @@ class MeshConfig:
         return Mesh(np.asarray(devices[: self.size]).reshape(self.data, self.model), AXES)
 
 
+def parse_mesh(text: str | None) -> MeshConfig | None:
+    """The command line's --mesh: "DATA,MODEL" (e.g. "2,4") -> MeshConfig; None, "" or "none" -> None."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--mesh must be DATA,MODEL: two positive integers, the data- and tensor-parallel "
+                         f"sizes (e.g. --mesh 2,4 on 8 devices), got {text!r}")
+    return MeshConfig(int(parts[0]), int(parts[1]))
+
+
+def as_mesh(mesh) -> Mesh | None:
+    """A MeshConfig, a jax Mesh with axes ("data", "model"), or None -> a Mesh or None."""
+    if mesh is None or isinstance(mesh, Mesh):
+        if mesh is not None and tuple(mesh.axis_names) != AXES:
+            raise ValueError(f"the mesh must have axes {AXES}, got {tuple(mesh.axis_names)}")
+        return mesh
+    if isinstance(mesh, MeshConfig):
+        return mesh.make()
+    raise ValueError(f"mesh must be a sharding.MeshConfig, a jax Mesh with axes {AXES} or None, got {mesh!r}")
+
+
 def check_mesh(config: ModelConfig, mesh: Mesh, drafter: str | None = "int4", group_size: int = 128) -> None:
     """Refuse a tensor-parallel degree the model's shapes cannot be split by."""
     tp = mesh.shape["model"]
@@ -120,6 +142,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def shard_rows(x, mesh: Mesh):
+    """A host array (the same on every process) onto the mesh with its rows split over "data"."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, rows_sharding(mesh), lambda index: x[index])
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Multi-host entry: `jax.distributed.initialize` from arguments or the environment variables
@@ -137,6 +165,15 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                          "(or ER_JAX_NUM_PROCESSES / ER_JAX_PROCESS_ID)")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     return True
+
+
+def start_distributed() -> None:
+    """The command line's --distributed: `initialize_distributed()` from the environment, or a clear error
+    when the environment names no cluster."""
+    if not initialize_distributed():
+        raise ValueError("--distributed needs ER_JAX_COORDINATOR=host:port with ER_JAX_NUM_PROCESSES and "
+                         "ER_JAX_PROCESS_ID, or ER_JAX_DISTRIBUTED=1 where jax finds the cluster itself "
+                         "(TPU pods, SLURM, Open MPI)")
 
 
 def global_decision(value: int) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from er_jax import sharding
 from er_jax.config import ModelConfig, RolloutConfig, SamplingConfig
 from er_jax.model import forward
 from er_jax.rollout import SpecRollout
@@ -262,6 +263,26 @@ def _train_fns(config, sampling, clip_eps, clip_eps_high, kl_coef):
     return grad, ref
 
 
+def _mesh_train_fns(config, sampling, clip_eps, clip_eps_high, kl_coef, mesh, param_shardings, state_shardings):
+    """The gradient, reference and update functions of a trainer on a mesh, their outputs pinned: gradients
+    and the new state placed like the params (the optimizer state like its params), log-probs split over
+    "data", scalars replicated. XLA partitions the rest (the data-parallel all-reduce of the gradients)."""
+    rep, rows = sharding.replicated(mesh), sharding.rows_sharding(mesh)
+    grad = jax.jit(functools.partial(_grad_chunk, config, sampling, clip_eps, clip_eps_high, kl_coef),
+                   out_shardings=(rep, rep, rows, param_shardings))
+    ref = jax.jit(functools.partial(_ref_chunk, config, sampling), out_shardings=rows)
+    apply = jax.jit(_apply, out_shardings=(state_shardings, rep))
+    return grad, ref, apply
+
+
+def check_data_parallel(cfg: GRPOConfig, data: int) -> None:
+    """Every training (micro-)batch is split evenly over the "data" axis, or refused here."""
+    for name, rows in (("prompts_per_step * samples", cfg.rows), ("micro_batch", cfg.micro_batch)):
+        if rows is not None and rows % data:
+            raise ValueError(f"{name} = {rows} is not divisible by the mesh's data axis ({data}); pick a data "
+                             f"axis that divides it or change --prompts-per-step / --samples / --micro-batch")
+
+
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
     """AdamW behind global-norm gradient clipping."""
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
@@ -273,12 +294,24 @@ def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------------------------------------
 class Trainer:
     """GRPO with a SpecRollout engine. `step()` runs one rollout + update and returns its metrics;
-    `save()` / `restore()` checkpoint everything a bit-exact resume needs (Orbax, in `ckpt_dir`)."""
+    `save()` / `restore()` checkpoint everything a bit-exact resume needs (Orbax, in `ckpt_dir`).
+
+    mesh: a sharding.MeshConfig, a jax Mesh with axes ("data", "model"), or None (one device). On a mesh the
+    rollout runs sharded, the params (and the reference) are tensor-parallel over "model" as
+    `sharding.shard_weights` places them, the optimizer state is placed like its params, and each training
+    (micro-)batch is split over "data": the jitted steps are the same, XLA partitions them. A checkpoint
+    restores onto any mesh shape (or none)."""
 
     def __init__(self, config: ModelConfig, params, task, cfg: GRPOConfig, *, tokenizer=None,
                  ckpt_dir: str | None = None, calibration=None, kernels: str | None = None,
-                 layout: str | None = None, reference_params=None):
+                 layout: str | None = None, reference_params=None, mesh=None):
         self.config, self.task, self.cfg, self.tokenizer = config, task, cfg, tokenizer
+        if isinstance(mesh, sharding.MeshConfig):
+            check_data_parallel(cfg, mesh.data)  # before asking for the devices
+        self.mesh = sharding.as_mesh(mesh)
+        if self.mesh is not None:
+            check_data_parallel(cfg, int(self.mesh.shape["data"]))
+            sharding.check_mesh(config, self.mesh, cfg.drafter if cfg.mode != "ar" else None)
         self.max_prompt_len = int(task.max_prompt_len)
         if self.max_prompt_len < 1:
             raise ValueError("the task must declare max_prompt_len >= 1")
@@ -286,19 +319,25 @@ class Trainer:
         self.rollout = SpecRollout(config, params, tokenizer, max_batch=cfg.rows, max_prompt_len=self.max_prompt_len,
                                    max_new_tokens=cfg.max_new_tokens, drafter=cfg.drafter, mode=cfg.mode,
                                    draft_length=cfg.draft_length, kernels=kernels, calibration=calibration,
-                                   seed=cfg.seed, layout=layout)
+                                   seed=cfg.seed, layout=layout, mesh=self.mesh)
         self.rollout_config = RolloutConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                             max_new_tokens=cfg.max_new_tokens)
-        params = self._cast(params)  # validated by the rollout; the trainer keeps the stacked layout
-        self.state = train_state.TrainState.create(apply_fn=functools.partial(forward, config), params=params,
-                                                   tx=make_optimizer(cfg))
-        self.reference = (reference_params if reference_params is not None else params) if cfg.kl_coef > 0 else None
+        params = self._place(self._cast(params))  # validated by the rollout; the trainer keeps the stacked layout
+        self.state = self._new_state(params, functools.partial(forward, config), make_optimizer(cfg))
+        self.reference = (self._place(reference_params if reference_params is not None else params)
+                          if cfg.kl_coef > 0 else None)
         self.step_count = 0  # training steps done
         self.data_pos = 0  # index of the next task example
         self.updates_done_here = 0  # optimizer updates made by this process (the fidelity check's "first")
         self.fidelity: list[float] = []
-        self._grad, self._ref = _train_fns(config, cfg.sampling, cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef)
-        self._apply = _apply_jit
+        if self.mesh is None:
+            self._grad, self._ref = _train_fns(config, cfg.sampling, cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef)
+            self._apply = _apply_jit
+        else:
+            shardings = lambda tree: jax.tree_util.tree_map(lambda a: a.sharding, tree)
+            self._grad, self._ref, self._apply = _mesh_train_fns(
+                config, cfg.sampling, cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, self.mesh,
+                shardings(self.state.params), shardings(self.state))
         self.ckpt_dir = os.path.abspath(ckpt_dir) if ckpt_dir else None
         self._manager = None
 
@@ -316,8 +355,9 @@ class Trainer:
 
     def _chunks(self, batch):
         mb = self.cfg.micro_batch or self.cfg.rows
+        put = jnp.asarray if self.mesh is None else functools.partial(sharding.shard_rows, mesh=self.mesh)
         for s in range(0, self.cfg.rows, mb):
-            yield {k: jnp.asarray(v[s: s + mb]) for k, v in batch.items()}
+            yield {k: put(v[s: s + mb]) for k, v in batch.items()}
 
     def step(self, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         """One GRPO step. Returns its metrics (also the step's index as "step"). A step that raises commits
@@ -360,7 +400,7 @@ class Trainer:
                     for k, v in sums.items():
                         sums_total[k] = sums_total.get(k, 0.0) + v
             if u == 0:  # logps under the rollout's own weights: the fidelity check
-                logp = np.concatenate([np.asarray(x) for x in logps])
+                logp = np.concatenate([np.asarray(x) for x in sharding.to_host(logps)])
                 max_diff = float(np.max(np.abs(np.where(batch["mask"], logp - batch["old_logp"], 0.0)),
                                         initial=0.0))
                 self._check_fidelity(max_diff)
@@ -408,11 +448,33 @@ class Trainer:
     def _cast(self, params):
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.config.jnp_dtype), params)
 
+    def _place(self, params):
+        """Params on the mesh as `sharding.shard_weights` places them (tensor parallel over "model")."""
+        return params if self.mesh is None else sharding.shard_weights(params, self.mesh)
+
+    def _place_opt(self, tx, params, opt_state):
+        """The optimizer state on the mesh: each tree of it (AdamW's mu, nu) placed exactly like the (placed)
+        params it belongs to, its scalars (the step count) replicated."""
+        if self.mesh is None:
+            return opt_state
+        placement = optax.tree_map_params(tx, lambda _, s: s, opt_state,
+                                          jax.tree_util.tree_map(lambda a: a.sharding, params),
+                                          transform_non_params=lambda _: sharding.replicated(self.mesh))
+        return jax.device_put(opt_state, placement)
+
+    def _new_state(self, params, apply_fn, tx, step=None):
+        """A fresh TrainState (zero optimizer moments) for placed params; on a mesh placed too, step included."""
+        state = train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
+        if self.mesh is not None:
+            state = state.replace(opt_state=self._place_opt(tx, params, state.opt_state),
+                                  step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh)))
+        return state if step is None else state.replace(step=step)
+
     def set_params(self, params) -> None:
         """Replace the policy weights (e.g. from outside); validated by the rollout, optimizer state reset."""
         self.rollout.update_params(params)
-        self.state = train_state.TrainState.create(apply_fn=self.state.apply_fn, params=self._cast(params),
-                                                   tx=self.state.tx).replace(step=self.state.step)
+        self.state = self._new_state(self._place(self._cast(params)), self.state.apply_fn, self.state.tx,
+                                     step=self.state.step)
 
     def run(self, steps: int, callback: Callable[[dict], None] | None = None) -> list[dict]:
         """Train until `steps` steps are done in total (a resumed run continues its count)."""
@@ -473,6 +535,7 @@ class Trainer:
                              f"{self.cfg.seed}, {self.cfg.sampling_seed}")
         self.rollout.policy.load_state_dict(meta["controller"])
         self.rollout.update_params(arrays["params"])
+        # The abstract target carries this trainer's shardings: Orbax reads any mesh shape's checkpoint into them.
         self.state = self.state.replace(params=self._cast(arrays["params"]), opt_state=arrays["opt_state"],
                                         step=arrays["step"])
         self.step_count, self.data_pos = int(meta["step"]), int(meta["data_pos"])
@@ -494,6 +557,8 @@ class Trainer:
         path, treedef, n = self._offloaded
         leaves = [jnp.asarray(np.load(os.path.join(path, f"{i}.npy"))) for i in range(n)]
         params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        params = self._place(params)
+        opt_state = self._place_opt(self.state.tx, params, opt_state)
         self.rollout.update_params(params)  # re-derives the drafter (outside any timed step)
         self.state = self.state.replace(params=params, opt_state=opt_state)
         self._offloaded = None
@@ -511,7 +576,8 @@ class Trainer:
         self.rollout.warmup(self.rollout_config, prompt_lens=[self.max_prompt_len])
         t1 = time.perf_counter()
         mb = self.cfg.micro_batch or self.cfg.rows
-        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
+        rows = None if self.mesh is None else sharding.rows_sharding(self.mesh)
+        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rows)
         w = self.cfg.max_new_tokens
         batch = dict(seq=spec((mb, self.total_len), jnp.int32), index=spec((mb, w), jnp.int32),
                      completion=spec((mb, w), jnp.int32), mask=spec((mb, w), jnp.bool_),
@@ -521,7 +587,9 @@ class Trainer:
         self._grad.lower(self.state.params, batch, ref).compile()
         if self.reference is not None:
             self._ref.lower(self.reference, batch).compile()
-        grads = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), self.state.params)
+        grads = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=None if self.mesh is None else a.sharding),
+            self.state.params)
         self._apply.lower(self.state, grads).compile()
         return {"rollout_compile_s": t1 - t0, "train_compile_s": time.perf_counter() - t1}
 

@@ -1,6 +1,8 @@
 """`er-jax train`: GRPO with speculative rollouts. Writes RUN_DIR/metrics.jsonl (one line per step),
 RUN_DIR/config.json, PNG plots (reward, rollout time, τ and γ per step) and Orbax checkpoints in
-RUN_DIR/checkpoints (every --save-every steps and at the end); --resume continues from the latest one."""
+RUN_DIR/checkpoints (every --save-every steps and at the end); --resume continues from the latest one.
+--mesh DATA,MODEL trains (and rolls out) data- and tensor-parallel over DATA x MODEL devices; --distributed
+first joins the processes of a multi-host run (er_jax.sharding.initialize_distributed)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +43,7 @@ def grpo_config_from_args(args):
 def make_trainer(args, ckpt_dir: str | None = None):
     from er_jax.rl.grpo import Trainer
     from er_jax.rl.tasks import make_task
+    from er_jax.sharding import parse_mesh
 
     cfg = grpo_config_from_args(args)
     config, weights, tokenizer = build_model(args.model, args.seed, args.dtype)
@@ -48,7 +51,7 @@ def make_trainer(args, ckpt_dir: str | None = None):
     task = make_task(args.task, tokenizer=tokenizer, config=config, seed=args.seed,
                      max_new_tokens=cfg.max_new_tokens, **kw)
     return Trainer(config, weights, task, cfg, tokenizer=tokenizer, ckpt_dir=ckpt_dir,
-                   calibration=args.calibration)
+                   calibration=args.calibration, mesh=parse_mesh(getattr(args, "mesh", None)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,9 +121,13 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from er_jax.rl.grpo import write_jsonl
+    from er_jax.sharding import parse_mesh, start_distributed
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    parse_mesh(args.mesh)  # a bad --mesh fails here, before anything starts
+    if args.distributed:
+        start_distributed()  # before any jax device is touched
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     ckpt = os.path.join(out, "checkpoints")
@@ -196,6 +203,10 @@ def register(sub) -> None:
     t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     t.add_argument("--max-operand", type=int, default=20, help="arithmetic: operands in [1, this]")
     t.add_argument("--calibration", default=None, help="controller constants (JSON from a calibration run)")
+    t.add_argument("--mesh", default=None, help="DATA,MODEL: data- x tensor-parallel device mesh, e.g. 2,4 "
+                   "(default: one device)")
+    t.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize from "
+                   "ER_JAX_COORDINATOR / ER_JAX_NUM_PROCESSES / ER_JAX_PROCESS_ID, or ER_JAX_DISTRIBUTED=1")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--no-warmup", dest="warmup", action="store_false", help="compile lazily instead of up front")
