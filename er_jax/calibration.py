@@ -519,7 +519,8 @@ def workload(m: LoadedModel, n_prompts: int, samples: int, *, lengths: str = "lo
 def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequence[str] = controller.MODES,
                   repeats: int = 3, drafter: str = "int4", draft_length: int = 5,
                   ladder: Sequence[int] = controller.DEFAULT_LADDER, calibration=None, temperature: float = 1.0,
-                  seed: int = 0, trace_dir: str | None = None, log=print, mesh=None) -> dict:
+                  seed: int = 0, trace_dir: str | None = None, log=print, mesh=None,
+                  forced_acceptance: float | None = None) -> dict:
     """Run every mode on the same workload in one process, `repeats` times each (modes rotated per repeat),
     after warm-up. Each mode keeps its own policy across repeats (so toggle / adaptive carry τ from rollout to
     rollout and auto its online calibration, as in training); all share one SpecRollout (weights, drafter,
@@ -536,7 +537,7 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
     n = len(prompts)
     r = SpecRollout(m.config, m.weights, m.tokenizer, max_batch=n, max_prompt_len=max(map(len, prompts)),
                     max_new_tokens=max_new, drafter=drafter, mode="sd", draft_length=draft_length,
-                    calibration=calibration, seed=seed, mesh=mesh)
+                    calibration=calibration, seed=seed, mesh=mesh, forced_acceptance=forced_acceptance)
     policies = {mode: controller.make_policy(mode, r.costs, draft_length=draft_length, ladder=ladder,
                                              calibration=calibration, seed=seed) for mode in modes}
     rc = RolloutConfig(temperature=temperature, seed=seed)
@@ -599,7 +600,8 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
 
 
 def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
-    """The `er-jax bench rollout` / experiments/bench_rollout.py entry point."""
+    """The `er-jax bench rollout` / experiments/bench_rollout.py entry point. `default_out` may hold
+    "{machine}" (the device tag, known only once jax is up)."""
     from er_jax.sharding import parse_mesh, start_distributed
 
     t_start = time.perf_counter()
@@ -619,8 +621,9 @@ def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
     res = bench_rollout(m, prompts=prompts, lengths=lengths, max_new=args.max_new_tokens, modes=args.modes,
                         repeats=args.repeats, drafter=args.drafter, draft_length=args.draft_length,
                         ladder=args.ladder, calibration=args.calibration, temperature=args.temperature,
-                        seed=args.seed, trace_dir=args.trace_dir, mesh=mesh)
-    out = args.out or default_out
+                        seed=args.seed, trace_dir=args.trace_dir, mesh=mesh,
+                        forced_acceptance=args.forced_acceptance)
+    out = args.out or default_out.format(machine=machine_tag())  # after any distributed start
     png = args.png or os.path.splitext(out)[0] + ".png"
     result = dict(benchmark="bench_rollout", machine=machine(),
                   workload=dict(description=desc, source=m.source, prompts=args.prompts, samples=args.samples,
@@ -631,6 +634,7 @@ def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
                   config=dict(drafter=args.drafter, draft_length=args.draft_length, ladder=list(args.ladder),
                               mesh=None if mesh is None else [mesh.data, mesh.model],
                               repeats=args.repeats, calibration=args.calibration,
+                              forced_acceptance=args.forced_acceptance,
                               hw=None if args.calibration else controller.defaults_for(
                                   controller.current_platform()).to_dict()),
                   **res)
@@ -772,6 +776,10 @@ def add_bench_rollout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-dir", help="append each mode's per-step JSONL trace to DIR/trace_<mode>.jsonl")
+    p.add_argument("--forced-acceptance", type=float, default=None, metavar="ALPHA",
+                   help="bench only, for random-weight presets: each draft position is accepted with probability "
+                        "ALPHA (i.i.d.) instead of the exact rejection test, e.g. SmolLM2's measured int4 α; "
+                        "outputs are then not samples of the model. Use with --lengths lognormal")
     p.add_argument("--out", help="result JSON (default: bench_rollout.json)")
     p.add_argument("--png", help="timeline PNG (default: the JSON's name with .png)")
     p.add_argument("--mesh", help="DATA,MODEL: shard the rollout over a data- x tensor-parallel device mesh, "

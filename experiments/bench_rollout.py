@@ -19,13 +19,13 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def main(argv=None) -> int:
-    from er_jax.calibration import add_bench_rollout_args, machine_tag, run_bench_rollout
+    from er_jax.calibration import add_bench_rollout_args, run_bench_rollout
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_rollout_args(ap)
     args = ap.parse_args(argv)
     try:
-        run_bench_rollout(args, default_out=os.path.join(RESULTS, f"bench_rollout_{machine_tag()}.json"))
+        run_bench_rollout(args, default_out=os.path.join(RESULTS, "bench_rollout_{machine}.json"))
     except ValueError as e:
         print(f"bench_rollout: error: {e}", file=sys.stderr)
         return 2
