@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, machine, machine_tag, write_json  # noqa: E402
+from common import copy_bandwidth, machine, machine_tag, read_bandwidth, write_json  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
            "List three prime numbers.", "What is 17 + 25?", "Translate 'good morning' into Spanish.",
@@ -110,7 +110,7 @@ def main():
     m = er_jax.load_model("smollm2")
     path = smollm2_path()
     costs = ModelCosts.from_config(m.config, "int4")
-    bw = copy_bandwidth()
+    bw, read_bw = copy_bandwidth(), read_bandwidth()
     rows = []
     for b in args.batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
@@ -126,11 +126,17 @@ def main():
         rows.append({"batch": b, "new_tokens": args.new_tokens, "er_jax_tokens_per_s": ours_tps,
                      "transformers_tokens_per_s": hf_tps, "speedup_vs_transformers": ours_tps / hf_tps,
                      "er_jax_step_ms": 1e3 * step_s, "roofline_step_ms": 1e3 * step_bytes / bw,
-                     "fraction_of_roofline": (step_bytes / bw) / step_s, "er_jax_compile_count": r.compile_count})
+                     "fraction_of_roofline": (step_bytes / bw) / step_s,
+                     "er_jax_step_GBps": step_bytes / step_s / 1e9,
+                     "transformers_ms_per_token_step": 1e3 * hf_s / args.new_tokens,  # incl. its prefill
+                     "transformers_GBps_upper": step_bytes / (hf_s / args.new_tokens) / 1e9,
+                     "er_jax_compile_count": r.compile_count})
         print(f"batch {b:3d}: er_jax {ours_tps:8.1f} tok/s  transformers {hf_tps:8.1f} tok/s  "
               f"x{ours_tps / hf_tps:.2f}   step {1e3 * step_s:.1f} ms vs roofline {1e3 * step_bytes / bw:.1f} ms")
     payload = {"benchmark": "bench_ar", "model": "smollm2 (GGUF dequantized to f32)", "machine": machine(),
-               "copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+               "copy_bandwidth_GBps": bw / 1e9, "read_bandwidth_GBps": read_bw / 1e9,
+               "step_bytes": "f32 weights a decode step reads (projections, LM head, norms) + the K/V it attends over",
+               "load_average_at_end": os.getloadavg(), "rows": rows}
     print("wrote", write_json(f"bench_ar_{machine_tag()}.json", payload))
 
 
