@@ -41,7 +41,7 @@ class SpecRollout:
         self.config = config
         self.tokenizer = tokenizer
         # mesh: a sharding.MeshConfig (data, model), a jax Mesh with axes ("data", "model"), or None.
-        self.mesh = mesh.make() if isinstance(mesh, sharding.MeshConfig) else mesh
+        self.mesh = sharding.as_mesh(mesh)
         if self.mesh is not None:
             sharding.check_mesh(config, self.mesh, drafter if mode != "ar" else None)
         self.mode = mode
