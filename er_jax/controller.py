@@ -19,7 +19,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -134,8 +134,9 @@ class HardwareConstants:
 
 # Rough starting points; online calibration or `fit` on a timing sweep replaces them.
 _DEFAULTS = {
-    # 2 CPU cores, f32, XLA path (the int4 drafter is dequantized on the fly, so it reads more, not less).
-    "cpu": HardwareConstants(bw=1.5e10, flops=5e10, eta_d=2.0, c_t=2e-6, c_d=2e-6, c_v=4e-6,
+    # 2 CPU cores, f32, XLA path. The int4 drafter is dequantized to f32 on the fly, so a draft step costs more
+    # than a target step: η_D ≈ 7 (fitted from a sweep of SmolLM2: experiments/results/calibration_cpu.json).
+    "cpu": HardwareConstants(bw=1.5e10, flops=5e10, eta_d=7.0, c_t=2e-6, c_d=2e-6, c_v=4e-6,
                              o_t=3e-4, o_d=1e-4, o_v=3e-4, platform="cpu"),
     # H100-ish: 3.0 TB/s HBM, 400 TFLOP/s bf16 dense (sustained, not peak).
     "gpu": HardwareConstants(bw=3.0e12, flops=4e14, eta_d=1.3, c_t=1e-5, c_d=5e-6, c_v=1e-5,
@@ -267,7 +268,8 @@ class StepRecord:
     accepted_per_position[i]: rows that accepted draft position i (0-based);
     rows_reaching_position[i]: rows for which position i was tested (all earlier ones accepted).
     flops / bytes: from `step_intensity` (optional, for reports).
-    wall_s = 0 marks a step that is no timing sample (e.g. it compiled): policies use its counts only."""
+    compiled: the step compiled an executable first, so its wall time is no timing sample (nor is a step with
+    wall_s = 0): policies use its counts only."""
 
     step: int
     wall_s: float
@@ -281,6 +283,7 @@ class StepRecord:
     rows_reaching_position: list[int] = field(default_factory=list)
     flops: float = 0.0
     bytes: float = 0.0
+    compiled: bool = False
 
     def __post_init__(self):
         _check_gamma(self.gamma)
@@ -468,22 +471,29 @@ class OnlineCalibrator:
 
     Starts from `hw` (and optional seed `records`, e.g. from a calibration JSON); `hw` is also the fit's prior.
     Records are kept per cell (kind, batch bucket, γ), the newest `per_cell` of each, so memory and fit
-    time stay bounded while every measured cell keeps a voice. The first record of every cell is dropped:
-    unless the engine warmed up, it includes compilation. Refits after every `refit_every` new records
-    (0: never). `explore` occasionally proposes a γ whose cell at this bucket has < `min_samples` records,
-    with probability `explore_eps` per step (deterministic given `seed`)."""
+    time stay bounded while every measured cell keeps a voice. A step that compiled (StepRecord.compiled) is
+    no sample. Refits after every `refit_every` new records (0: never).
+
+    Exploration: `explore` proposes, with probability `explore_eps` per step, the cheapest (predicted) γ whose
+    cell at this bucket has < `min_samples` records — but only while the measured time of exploring steps,
+    this one included at its predicted cost, stays within `explore_budget` of all measured step time. Where
+    speculation cannot pay (a CPU) exploring costs at most that fraction; deterministic given `seed`."""
 
     def __init__(self, costs: ModelCosts, hw: HardwareConstants, records: Sequence = (), *, refit_every: int = 32,
-                 per_cell: int = 16, explore_eps: float = 0.05, min_samples: int = 2, seed: int = 0):
-        if refit_every < 0 or per_cell < 1 or not 0 <= explore_eps <= 1 or min_samples < 0:
+                 per_cell: int = 16, explore_eps: float = 0.05, min_samples: int = 2, explore_budget: float = 0.02,
+                 seed: int = 0):
+        if (refit_every < 0 or per_cell < 1 or not 0 <= explore_eps <= 1 or min_samples < 0
+                or not 0 <= explore_budget <= 1):
             raise ValueError(f"OnlineCalibrator needs refit_every >= 0, per_cell >= 1, 0 <= explore_eps <= 1, "
-                             f"min_samples >= 0; got {refit_every}, {per_cell}, {explore_eps}, {min_samples}")
+                             f"min_samples >= 0, 0 <= explore_budget <= 1; got {refit_every}, {per_cell}, "
+                             f"{explore_eps}, {min_samples}, {explore_budget}")
         self.costs, self.prior, self.hw = costs, hw, hw
         self.refit_every, self.per_cell = refit_every, per_cell
-        self.explore_eps, self.min_samples = explore_eps, min_samples
+        self.explore_eps, self.min_samples, self.explore_budget = explore_eps, min_samples, explore_budget
         self.rng = np.random.default_rng(seed)
         self.cells: dict[tuple, list[Timing]] = {}
         self.pending = 0  # records since the last refit
+        self.total_s = self.explore_s = 0.0  # measured seconds of all steps / of exploring steps
         for r in records:
             self._store(as_timing(r))
         if self.cells:
@@ -499,13 +509,14 @@ class OnlineCalibrator:
         del cell[:-self.per_cell]
         self.pending += 1
 
-    def add(self, record) -> None:
-        """Take one StepRecord (or Timing); refit when `refit_every` new records have arrived."""
-        t = as_timing(record)
-        key = self._cell(t.kind, t.batch, t.gamma)
-        if key not in self.cells:
-            self.cells[key] = []  # the cell is now seen; its first (compiling) record is dropped
+    def add(self, record, explored: bool = False) -> None:
+        """Take one StepRecord (or Timing) — `explored`: a step `explore` chose; refit when `refit_every` new
+        records have arrived."""
+        if getattr(record, "compiled", False) or (isinstance(record, Mapping) and record.get("compiled")):
             return
+        t = as_timing(record)
+        self.total_s += t.wall_s
+        self.explore_s += t.wall_s if explored else 0.0
         self._store(t)
         if self.refit_every and self.pending >= self.refit_every:
             self.refit()
@@ -520,28 +531,32 @@ class OnlineCalibrator:
         self.pending = 0
         return self.hw
 
-    def explore(self, batch_bucket: int, gammas: Sequence[int]) -> int | None:
-        """A γ to measure at this bucket instead of the policy's choice, or None."""
+    def explore(self, batch_bucket: int, gammas: Sequence[int], cost: Callable[[int], float]) -> int | None:
+        """A γ among `gammas` (the policy's own choice left out) to measure at this bucket instead, or None.
+        `cost(γ)`: its predicted seconds (the cheapest cold cell goes first)."""
         if self.explore_eps == 0:
             return None
         cold = [g for g in gammas
                 if len(self.cells.get(self._cell("sd" if g else "ar", batch_bucket, g), ())) < self.min_samples]
-        if cold and self.rng.random() < self.explore_eps:
-            return int(cold[self.rng.integers(len(cold))])
-        return None
+        if not cold or self.rng.random() >= self.explore_eps:
+            return None
+        g = min(cold, key=cost)
+        c = cost(g)
+        return int(g) if self.explore_s + c <= self.explore_budget * (self.total_s + c) else None
 
     def state_dict(self) -> dict[str, Any]:
         return dict(hw=self.hw.to_dict(), prior=self.prior.to_dict(), pending=self.pending,
-                    seen=[list(k) for k, v in self.cells.items() if not v],
-                    records=[t.to_dict() for t in self.records], rng=self.rng.bit_generator.state)
+                    records=[t.to_dict() for t in self.records], rng=self.rng.bit_generator.state,
+                    total_s=self.total_s, explore_s=self.explore_s)
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         self.hw, self.prior = HardwareConstants.from_dict(d["hw"]), HardwareConstants.from_dict(d["prior"])
-        self.cells = {self._cell(*k): [] for k in d["seen"]}
+        self.cells = {}
         for r in d["records"]:
             self._store(as_timing(r))
         self.pending = int(d["pending"])
         self.rng.bit_generator.state = d["rng"]
+        self.total_s, self.explore_s = float(d["total_s"]), float(d["explore_s"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -786,6 +801,7 @@ class AutoPolicy(Policy):
         self.calibrator = calibrator or OnlineCalibrator(costs, hw, seed=seed)
         self.accepted = np.zeros(self.ladder[-1])
         self.reached = np.zeros(self.ladder[-1])
+        self._exploring = False  # the step being run was the calibrator's choice
 
     @property
     def hw(self) -> HardwareConstants:
@@ -805,19 +821,21 @@ class AutoPolicy(Policy):
                                   expected_tau_positions(rates[:g]), active) for g in self.gammas()}
 
     def _choose(self, batch_bucket, active, mean_context):
-        g = self.calibrator.explore(batch_bucket, self.gammas())
-        if g is not None:
-            return g
         t = self.predicted_time_per_token(batch_bucket, active, mean_context)
         best = min(self.ladder, key=t.get)
-        return best if t[0] >= (1 + self.epsilon) * t[best] else 0
+        choice = best if t[0] >= (1 + self.epsilon) * t[best] else 0
+        g = self.calibrator.explore(batch_bucket, [g for g in self.gammas() if g != choice],
+                                    lambda g: step_time(self.hw, self.costs, batch_bucket, mean_context, g))
+        self._exploring = g is not None
+        return choice if g is None else g
 
     def _observe(self, rec):
         n = min(rec.gamma, len(self.accepted))
         self.accepted[:n] += rec.accepted_per_position[:n]
         self.reached[:n] += rec.rows_reaching_position[:n]
         if rec.wall_s > 0:  # a fit needs positive times
-            self.calibrator.add(rec)
+            self.calibrator.add(rec, explored=self._exploring)
+        self._exploring = False
 
     def end_rollout(self):
         super().end_rollout()

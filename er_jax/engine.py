@@ -319,7 +319,7 @@ class Engine:
             b = len(done)
             ctx = float(ctx_len[live].mean())
             gamma = global_decision(int(policy.choose(b, active, ctx)))
-            ts = time.perf_counter()
+            ts, compiles = time.perf_counter(), self.compile_count
             if gamma == 0:
                 st, n_acc = self._call("ar", spec, 0, weights, st)
             else:
@@ -328,6 +328,7 @@ class Engine:
             new_done, new_gen, ctx_len, n_acc = to_host((st.done, st.n_gen, st.cache.lengths, n_acc))
             rec = dict(step=len(steps), wall_s=time.perf_counter() - ts, batch_bucket=b, active=active,
                        mean_context=ctx, gamma=gamma, emitted=int((new_gen - n_gen)[live].sum()),
+                       compiled=self.compile_count > compiles,
                        accepted=[int((n_acc[live] > i).sum()) for i in range(gamma)],
                        reached=[int((n_acc[live] >= i).sum()) for i in range(gamma)])
             if costs is not None:

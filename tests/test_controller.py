@@ -227,7 +227,7 @@ def test_auto_prior_and_decay():
 
 def test_auto_exploration_is_deterministic_and_covers_cells():
     def picks(seed):
-        cal = OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.5, seed=seed)
+        cal = OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.5, explore_budget=1.0, seed=seed)
         p = AutoPolicy(COSTS, HW, calibrator=cal)
         out = []
         for i in range(200):
@@ -238,7 +238,26 @@ def test_auto_exploration_is_deterministic_and_covers_cells():
     a = picks(0)
     assert a == picks(0) and a != picks(1)
     assert set(a) == {0, 5, 7, 9, 11}
-    assert all(g == 0 for g in a[-50:])  # every cell measured (min_samples = 2 after the dropped first): done
+    assert all(g == 0 for g in a[-50:])  # every cell measured (min_samples = 2): done
+    assert a.index(11) > a.index(5)  # the cheapest cold cell goes first
+
+
+def test_auto_exploration_stays_within_its_time_budget():
+    """Where speculation never pays (an SD step 6x an AR step), exploring costs at most the budget."""
+    cal = OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.5, explore_budget=0.02, min_samples=50)
+    p = AutoPolicy(COSTS, HW, calibrator=cal)
+    gammas = []
+    for i in range(3000):
+        g = p.choose(1000, 1000, 0.0)  # compute-bound: exploitation says 0
+        gammas.append(g)
+        p.observe(sd_record(g, 1000, step=i, wall_s=0.3) if g else StepRecord(i, 0.05, 1000, 1000, 0.0, 0, 1000))
+    assert 0 < cal.explore_s <= 0.02 * cal.total_s + 0.3  # at most one step over (its cost was a prediction)
+    assert sum(g > 0 for g in gammas) >= 8  # ... and spends it: 2% of ~150 s is ~10 steps of 0.3 s
+    compiled = sd_record(5, 1000, step=0, wall_s=9.0)
+    compiled.compiled = True
+    n, total = len(cal.records), cal.total_s
+    p.observe(compiled)  # a step that compiled is no timing sample
+    assert len(cal.records) == n and cal.total_s == total
 
 
 # -- fitting and calibration --------------------------------------------------------------------------------------
@@ -280,13 +299,13 @@ def test_online_calibrator_learns_from_step_records():
     cal = OnlineCalibrator(COSTS, ctl.defaults_for("gpu"), refit_every=40, explore_eps=0.0)
     step = 0
     for b, s, g in itertools.product((1, 8, 64, 512), (256, 2048), (0, 3, 7)):
-        for _ in range(3):  # the first of each cell is dropped as a compile
+        for _ in range(3):
             wall = ctl.step_time(TRUE_HW, COSTS, b, s, g)
             rec = sd_record(g, b, step=step, wall_s=wall, context=s) if g else StepRecord(step, wall, b, b, s, 0, b)
             cal.add(rec)
             step += 1
     cal.refit()
-    assert len(cal.records) == 4 * 3 * 5  # cells are (kind, bucket, γ); 6 records each, first dropped
+    assert len(cal.records) == 4 * 3 * 6  # cells are (kind, bucket, γ); 6 records each
     report = ctl.validate(cal.records, cal.hw, COSTS)
     assert max(report["mape"].values()) < 0.02 and report["decision_accuracy"] == 1.0
 
