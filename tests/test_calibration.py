@@ -122,7 +122,9 @@ def test_bench_rollout_end_to_end(tmp_path):
     for mode, r in res["modes"].items():
         assert len(r["walls"]) == 2 and r["wall_s"] > 0 and 0 <= r["sd_on_fraction"] <= 1
         assert r["tokens"] == sum(lengths)  # forced per-row lengths: every mode does the same work
-        assert r["ratio_vs_ar"] == pytest.approx(r["wall_s"] / res["modes"]["ar"]["wall_s"])
+        assert r["wall_min"] == min(r["walls"]) and r["wall_min"] <= r["wall_s"]
+        assert r["ratio_vs_ar"] == pytest.approx(r["wall_min"] / res["modes"]["ar"]["wall_min"])
+        assert all(run["steal_s"] is None or run["steal_s"] >= 0 for run in r["runs"])
     assert res["modes"]["ar"]["sd_on_fraction"] == 0 and res["modes"]["sd"]["sd_on_fraction"] == 1
     assert res["modes"]["sd"]["tau"] >= 1
     assert not res["recompiled"] and set(res["targets"]) == {"auto", "adaptive", "toggle"}
