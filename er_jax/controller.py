@@ -824,8 +824,11 @@ class AutoPolicy(Policy):
         t = self.predicted_time_per_token(batch_bucket, active, mean_context)
         best = min(self.ladder, key=t.get)
         choice = best if t[0] >= (1 + self.epsilon) * t[best] else 0
-        g = self.calibrator.explore(batch_bucket, [g for g in self.gammas() if g != choice],
-                                    lambda g: step_time(self.hw, self.costs, batch_bucket, mean_context, g))
+        # The budget is charged a pessimistic cost: an SD step no cheaper than γ + 1 plain steps (constants fitted
+        # to plain steps alone can badly underrate a drafter, e.g. one dequantized on the fly on a CPU).
+        cost = lambda g: max(step_time(self.hw, self.costs, batch_bucket, mean_context, g),
+                             (g + 1) * step_time(self.hw, self.costs, batch_bucket, mean_context, 0))
+        g = self.calibrator.explore(batch_bucket, [g for g in self.gammas() if g != choice], cost)
         self._exploring = g is not None
         return choice if g is None else g
 
