@@ -31,6 +31,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -464,7 +465,7 @@ def plot_timeline(result: dict, path: str) -> str:
                      + (f", x{ratio:.3f} of ar" if ratio else "") + f", SD-on {r['sd_on_fraction']:.0%}"
                      + (f", τ {r['tau']:.2f}" if r.get("tau") else ""), fontsize=9)
     axes[-1, 0].set_xlabel("engine step")
-    fig.suptitle(f"rollout timeline: {result['workload']['description']}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"rollout timeline: {result['workload']['description']}", 110), fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
