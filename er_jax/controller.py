@@ -544,6 +544,15 @@ class OnlineCalibrator:
         c = cost(g)
         return int(g) if self.explore_s + c <= self.explore_budget * (self.total_s + c) else None
 
+    def correction(self, kind: str, batch_bucket: int, gamma: int) -> float:
+        """Measured over predicted time of a cell (median over its records; 1 without any): a cell the model
+        mispredicts is taken at its measured level, the model still supplying how it varies with context."""
+        cell = self.cells.get(self._cell(kind, batch_bucket, gamma))
+        if not cell:
+            return 1.0
+        kinds, b, ctx, g, wall = _arrays(cell)
+        return float(np.median(wall / predict_wall(self.hw, self.costs, kinds, b, ctx, g)))
+
     def state_dict(self) -> dict[str, Any]:
         return dict(hw=self.hw.to_dict(), prior=self.prior.to_dict(), pending=self.pending,
                     records=[t.to_dict() for t in self.records], rng=self.rng.bit_generator.state,
@@ -779,8 +788,9 @@ class AdaptivePolicy(TogglePolicy):
 
 class AutoPolicy(Policy):
     """Ours: every step, γ ∈ {0} ∪ ladder minimizing predicted time per emitted token under online-calibrated
-    constants; speculates only if that beats plain decoding by the factor 1 + ε (as the toggle does); may
-    switch off again within a rollout.
+    constants, each (batch bucket, γ) cell's prediction scaled to what that cell measured (a fit from few
+    records can be far off for kinds it has hardly seen); speculates only if that beats plain decoding by the
+    factor 1 + ε (as the toggle does); may switch off again within a rollout.
 
     Acceptance per draft position j: (accepted_j + k·p̄) / (reached_j + k), shrunk towards the pooled rate
     p̄ = (Σ accepted + a₀) / (Σ reached + a₀ + b₀) (a Beta(a₀, b₀) prior). Counts decay by `decay` at each
@@ -816,9 +826,11 @@ class AutoPolicy(Policy):
         return (self.accepted + self.prior_strength * pooled) / (self.reached + self.prior_strength)
 
     def predicted_time_per_token(self, batch_bucket: int, active: int, mean_context: float) -> dict[int, float]:
+        """Seconds per emitted token of each γ: the cost model, corrected by what its cell measured."""
         rates = self.acceptance_rates()
         return {g: time_per_token(self.hw, self.costs, batch_bucket, mean_context, g,
-                                  expected_tau_positions(rates[:g]), active) for g in self.gammas()}
+                                  expected_tau_positions(rates[:g]), active)
+                * self.calibrator.correction("sd" if g else "ar", batch_bucket, g) for g in self.gammas()}
 
     def _choose(self, batch_bucket, active, mean_context):
         t = self.predicted_time_per_token(batch_bucket, active, mean_context)

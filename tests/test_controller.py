@@ -233,7 +233,8 @@ def test_auto_exploration_is_deterministic_and_covers_cells():
         for i in range(200):
             g = p.choose(1000, 1000, 0.0)  # compute-bound: exploitation always says 0
             out.append(g)
-            p.observe(sd_record(g, 1000, step=i) if g else StepRecord(i, 0.02, 1000, 1000, 0.0, 0, 1000))
+            wall = ctl.step_time(HW, COSTS, 1000, 0.0, g)  # as the model predicts
+            p.observe(sd_record(g, 1000, step=i, wall_s=wall) if g else StepRecord(i, wall, 1000, 1000, 0.0, 0, 1000))
         return out
     a = picks(0)
     assert a == picks(0) and a != picks(1)
@@ -386,3 +387,18 @@ def test_bad_input_raises():
                  lambda: ctl.make_policy("ar", COSTS).choose(4, 2, -1.0)):
         with pytest.raises(ValueError):
             call()
+
+
+def test_auto_trusts_a_measured_cell_over_a_wrong_model():
+    # The model (HW) predicts SD at γ = 5 pays at B = 1: 2.5 ms per 5.9 tokens vs 1 ms per token plain.
+    p = quiet_auto(ladder=(5,))
+    feed_acceptance(p, [0.99] * 5)
+    assert p.choose(1, 1, 0.0) == 5
+    # Measured: that SD step takes 20 ms (a drafter dequantized on the fly), the plain step 1 ms as predicted.
+    for i in range(3):
+        p.observe(sd_record(5, 1, [1.0] * 5, step=i, wall_s=0.02))
+        p.observe(StepRecord(i, 1e-3, 1, 1, 0.0, 0, 1))
+    assert p.calibrator.correction("sd", 1, 5) == pytest.approx(0.02 / 2.5e-3)
+    assert p.calibrator.correction("ar", 1, 0) == pytest.approx(1.0)
+    assert p.choose(1, 1, 0.0) == 0  # 20 ms / 6 tokens > 1 ms per token
+    assert p.choose(2, 2, 0.0) == 5  # another bucket, nothing measured there: the model decides
