@@ -1,9 +1,9 @@
 """Data- and tensor-parallel runs on 8 fake CPU devices (a subprocess: the device count is fixed when jax
 starts). Meshes (8,1), (4,2), (2,4), (1,8): greedy tokens equal the single-device run for AR and SD (int4
 and int8 drafters; also with the Pallas kernels run per shard), teacher-forced log-probs match to 1e-5, the
-KV cache is split over data and KV heads,
-a sharded checkpoint restores onto a different mesh shape, and a GRPO step on a mesh matches the one-device
-step (its checkpoint restoring onto another mesh shape and onto one device). Here: the cheap refusals."""
+KV cache is split over data and KV heads, a sharded checkpoint restores onto a different mesh shape, and a
+GRPO step on a mesh matches the one-device step (its checkpoint restoring onto another mesh shape and onto
+one device). Here: the cheap refusals."""
 import os
 import subprocess
 import sys
