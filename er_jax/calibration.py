@@ -572,7 +572,8 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
             gps = s["gamma_per_step"]
             sd_g = [g for g in gps if g > 0]
             runs[mode].append(dict(
-                repeat=rep, wall_s=s["wall_s"], steal_s=steal, tokens=s["tokens"], steps=s["steps"], tau=s["tau"],
+                repeat=rep, wall_s=s["wall_s"], controller_s=s["controller_s"], steal_s=steal, tokens=s["tokens"],
+                steps=s["steps"], tau=s["tau"],
                 sd_on_fraction=s["sd_on_fraction"], mean_gamma_per_step=float(np.mean(gps)) if gps else 0.0,
                 mean_gamma_sd_steps=float(np.mean(sd_g)) if sd_g else None, compile_count=s["compile_count"],
                 gamma_hist={str(g): gps.count(g) for g in sorted(set(gps))},
@@ -587,6 +588,7 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
         med = float(np.median(walls))
         taus = [x["tau"] for x in rs if x["tau"] is not None]
         res[mode] = dict(wall_s=med, wall_min=min(walls), walls=walls, tokens=rs[0]["tokens"],
+                         controller_s=float(np.median([x["controller_s"] for x in rs])),
                          tokens_per_s=float(np.median([x["tokens"] / x["wall_s"] for x in rs])),
                          steps=float(np.median([x["steps"] for x in rs])),
                          tau=float(np.mean(taus)) if taus else None,
@@ -658,11 +660,12 @@ def run_bench_rollout(args, default_out: str = "bench_rollout.json") -> dict:
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=float)
     plot_timeline(result, png)
-    print(f"\n{'mode':9s} {'min s':>7s} {'median s':>8s} {'x ar':>7s} {'τ':>6s} {'mean γ':>7s} {'SD-on':>6s}")
+    print(f"\n{'mode':9s} {'min s':>7s} {'median s':>8s} {'x ar':>7s} {'τ':>6s} {'mean γ':>7s} {'SD-on':>6s} "
+          f"{'policy s':>8s}")
     for mode, r in result["modes"].items():
         print(f"{mode:9s} {r['wall_min']:7.2f} {r['wall_s']:8.2f} {r.get('ratio_vs_ar', float('nan')):7.3f} "
               f"{'-' if r['tau'] is None else format(r['tau'], '.2f'):>6s} {r['mean_gamma_per_step']:7.2f} "
-              f"{r['sd_on_fraction']:6.0%}")
+              f"{r['sd_on_fraction']:6.0%} {r['controller_s']:8.3f}")
     for mode, t in result["targets"].items():
         print(f"{mode}: x{t['ratio_vs_best_static']:.3f} of the best static mode ({result['best_static']}; fastest "
               f"repeats; medians x{t['ratio_of_medians']:.3f}) -> {'meets' if t['met'] else 'MISSES'} the 1.03 target")

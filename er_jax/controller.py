@@ -472,7 +472,8 @@ class OnlineCalibrator:
     Starts from `hw` (and optional seed `records`, e.g. from a calibration JSON); `hw` is also the fit's prior.
     Records are kept per cell (kind, batch bucket, γ), the newest `per_cell` of each, so memory and fit
     time stay bounded while every measured cell keeps a voice. A step that compiled (StepRecord.compiled) is
-    no sample. Refits after every `refit_every` new records (0: never).
+    no sample. `maybe_refit` refits once `refit_every` new records have arrived (0: never); policies call it
+    between rollouts, so no least-squares fit ever stalls the decode loop.
 
     Exploration: `explore` proposes, with probability `explore_eps` per step, the cheapest (predicted) γ whose
     cell at this bucket has < `min_samples` records — but only while the measured time of exploring steps,
@@ -510,16 +511,20 @@ class OnlineCalibrator:
         self.pending += 1
 
     def add(self, record, explored: bool = False) -> None:
-        """Take one StepRecord (or Timing) — `explored`: a step `explore` chose; refit when `refit_every` new
-        records have arrived."""
+        """Take one StepRecord (or Timing) — `explored`: a step `explore` chose."""
         if getattr(record, "compiled", False) or (isinstance(record, Mapping) and record.get("compiled")):
             return
         t = as_timing(record)
         self.total_s += t.wall_s
         self.explore_s += t.wall_s if explored else 0.0
         self._store(t)
+
+    def maybe_refit(self) -> bool:
+        """Refit if `refit_every` records have arrived since the last fit; returns whether it did."""
         if self.refit_every and self.pending >= self.refit_every:
             self.refit()
+            return True
+        return False
 
     @property
     def records(self) -> list[Timing]:
@@ -854,6 +859,7 @@ class AutoPolicy(Policy):
 
     def end_rollout(self):
         super().end_rollout()
+        self.calibrator.maybe_refit()
         self.accepted *= self.decay
         self.reached *= self.decay
 

@@ -308,6 +308,7 @@ class Engine:
         done, n_gen, ctx_len = to_host((st.done, st.n_gen, st.cache.lengths))
         policy.start_rollout()
         steps: list[dict] = []
+        controller_s = 0.0  # host time in the policy (choose, observe, end_rollout), part of the rollout's wall time
         while not done.all():
             active = int((~done).sum())
             new_bucket = batch_bucket(active, self.data_parallel)
@@ -318,6 +319,7 @@ class Engine:
             live = ~done
             b = len(done)
             ctx = float(ctx_len[live].mean())
+            tc = time.perf_counter()
             gamma = global_decision(int(policy.choose(b, active, ctx)))
             ts, compiles = time.perf_counter(), self.compile_count
             if gamma == 0:
@@ -334,19 +336,24 @@ class Engine:
             if costs is not None:
                 rec["flops"], rec["bytes"] = step_intensity(costs, b, ctx, gamma)
                 rec["intensity"] = rec["flops"] / rec["bytes"]
+            tc2 = time.perf_counter()
             policy.observe(rec)
+            controller_s += (ts - tc) + (time.perf_counter() - tc2)
             steps.append(rec)
             if trace is not None:
                 trace(rec)
             if progress is not None:
                 progress(rec["emitted"])
             done, n_gen = new_done, new_gen
+        tc = time.perf_counter()
         policy.end_rollout()
+        controller_s += time.perf_counter() - tc
         out_tokens, out_logps, lengths = to_host((st.out_tokens, st.out_logps, st.out_len))
         width = self.max_new_tokens
         tokens = np.where(np.arange(width)[None] < lengths[:n, None], out_tokens[:n, :width], pad_id)
         logps = np.where(np.arange(width)[None] < lengths[:n, None], out_logps[:n, :width], 0.0)
         stats = summarize(steps, time.perf_counter() - t0, int(lengths[:n].sum()))
+        stats["controller_s"] = controller_s
         return RolloutOutput(tokens.astype(np.int32), lengths[:n].astype(np.int32), logps.astype(np.float32),
                              stats)
 

@@ -311,6 +311,19 @@ def test_online_calibrator_learns_from_step_records():
     assert max(report["mape"].values()) < 0.02 and report["decision_accuracy"] == 1.0
 
 
+def test_auto_refits_between_rollouts_only():
+    """A least-squares fit can take a second on a CPU: the auto policy never runs one mid-rollout."""
+    cal = OnlineCalibrator(COSTS, HW, refit_every=4, explore_eps=0.0)
+    a = AutoPolicy(COSTS, HW, calibrator=cal)
+    a.start_rollout()
+    for i in range(10):  # plain steps twice as slow as HW predicts
+        wall = 2 * ctl.step_time(HW, COSTS, 8, 100.0 + i, 0)
+        a.observe(StepRecord(i, wall, 8, 8, 100.0 + i, 0, 8))
+    assert a.hw == HW and cal.pending == 10
+    a.end_rollout()
+    assert a.hw != HW and cal.pending == 0
+
+
 def test_calibration_json_round_trip(tmp_path):
     records = sweep(TRUE_HW)[:20]
     path = tmp_path / "cal.json"
