@@ -394,13 +394,15 @@ def _arrays(timings: Sequence[Timing]):
 
 
 def fit(records: Sequence, costs: ModelCosts, init: HardwareConstants | None = None, *,
-        prior_weight: float = 1e-3, robust_scale: float = 0.1) -> HardwareConstants:
+        prior_weight: float = 1e-3, robust_scale: float = 0.1, start: HardwareConstants | None = None,
+        max_nfev: int | None = None) -> HardwareConstants:
     """Fit the nine constants to measured records by robust least squares on log-time.
 
     Parameters are fitted as log-ratios u to `init` (default: this platform's defaults), which keeps them
     positive and well scaled; a weak prior `prior_weight·u` keeps directions the records do not constrain
     (e.g. F when nothing was compute-bound) at `init`. soft-L1 loss with scale `robust_scale` (in log units)
-    damps outliers (a compile, a GC pause)."""
+    damps outliers (a compile, a GC pause). `start` (e.g. the previous fit) warm-starts the search and
+    `max_nfev` bounds it (online refits); by default it starts from `init` and runs to tight tolerances."""
     from scipy.optimize import least_squares
 
     timings = [as_timing(r) for r in records]
@@ -420,10 +422,14 @@ def fit(records: Sequence, costs: ModelCosts, init: HardwareConstants | None = N
 
     # Start from `init` with every time constant scaled by one factor so that the median residual is 0:
     # this rescues a start that is off by a large factor (e.g. another GPU's defaults) from local minima.
-    shift = float(np.median(residuals(np.zeros(len(FIT_FIELDS)))[: len(timings)]))
-    u0 = np.array([shift if f in ("bw", "flops") else 0.0 if f == "eta_d" else -shift for f in FIT_FIELDS])
+    if start is None:
+        shift = float(np.median(residuals(np.zeros(len(FIT_FIELDS)))[: len(timings)]))
+        u0 = np.array([shift if f in ("bw", "flops") else 0.0 if f == "eta_d" else -shift for f in FIT_FIELDS])
+    else:
+        u0 = np.clip(np.log([max(getattr(start, f), _MIN_OVERHEAD) for f in FIT_FIELDS] / theta0), -30.0, 30.0)
+    tol = 1e-10 if max_nfev is None else 1e-6
     sol = least_squares(residuals, u0, method="trf", loss="soft_l1", f_scale=robust_scale, bounds=(-30.0, 30.0),
-                        xtol=1e-10, ftol=1e-10, gtol=1e-10)
+                        xtol=tol, ftol=tol, gtol=tol, max_nfev=max_nfev)
     return hw_of(sol.x)
 
 
@@ -473,7 +479,8 @@ class OnlineCalibrator:
     Records are kept per cell (kind, batch bucket, γ), the newest `per_cell` of each, so memory and fit
     time stay bounded while every measured cell keeps a voice. A step that compiled (StepRecord.compiled) is
     no sample. `maybe_refit` refits once `refit_every` new records have arrived (0: never); policies call it
-    between rollouts, so no least-squares fit ever stalls the decode loop.
+    between rollouts, so no least-squares fit ever stalls the decode loop; each refit after the first starts
+    at the last fit and stops after `max_nfev` evaluations (a few hundredths of a second per rollout).
 
     Exploration: `explore` proposes, with probability `explore_eps` per step, the cheapest (predicted) γ whose
     cell at this bucket has < `min_samples` records — but only while the measured time of exploring steps,
@@ -482,14 +489,14 @@ class OnlineCalibrator:
 
     def __init__(self, costs: ModelCosts, hw: HardwareConstants, records: Sequence = (), *, refit_every: int = 32,
                  per_cell: int = 16, explore_eps: float = 0.05, min_samples: int = 2, explore_budget: float = 0.02,
-                 seed: int = 0):
+                 max_nfev: int = 100, seed: int = 0):
         if (refit_every < 0 or per_cell < 1 or not 0 <= explore_eps <= 1 or min_samples < 0
-                or not 0 <= explore_budget <= 1):
+                or not 0 <= explore_budget <= 1 or max_nfev < 1):
             raise ValueError(f"OnlineCalibrator needs refit_every >= 0, per_cell >= 1, 0 <= explore_eps <= 1, "
-                             f"min_samples >= 0, 0 <= explore_budget <= 1; got {refit_every}, {per_cell}, "
-                             f"{explore_eps}, {min_samples}, {explore_budget}")
+                             f"min_samples >= 0, 0 <= explore_budget <= 1, max_nfev >= 1; got {refit_every}, "
+                             f"{per_cell}, {explore_eps}, {min_samples}, {explore_budget}, {max_nfev}")
         self.costs, self.prior, self.hw = costs, hw, hw
-        self.refit_every, self.per_cell = refit_every, per_cell
+        self.refit_every, self.per_cell, self.max_nfev = refit_every, per_cell, max_nfev
         self.explore_eps, self.min_samples, self.explore_budget = explore_eps, min_samples, explore_budget
         self.rng = np.random.default_rng(seed)
         self.cells: dict[tuple, list[Timing]] = {}
@@ -531,8 +538,10 @@ class OnlineCalibrator:
         return [t for cell in self.cells.values() for t in cell]
 
     def refit(self) -> HardwareConstants:
+        """Refit the constants (warm-started at the current fit, bounded: it runs between rollouts)."""
         if self.records:
-            self.hw = fit(self.records, self.costs, self.prior)
+            start = None if self.hw is self.prior else self.hw  # the first fit starts from the prior, rescaled
+            self.hw = fit(self.records, self.costs, self.prior, start=start, max_nfev=self.max_nfev)
         self.pending = 0
         return self.hw
 
@@ -549,12 +558,12 @@ class OnlineCalibrator:
         c = cost(g)
         return int(g) if self.explore_s + c <= self.explore_budget * (self.total_s + c) else None
 
-    def correction(self, kind: str, batch_bucket: int, gamma: int) -> float:
-        """Measured over predicted time of a cell (median over its records; 1 without any): a cell the model
-        mispredicts is taken at its measured level, the model still supplying how it varies with context."""
+    def correction(self, kind: str, batch_bucket: int, gamma: int, default: float = 1.0) -> float:
+        """Measured over predicted time of a cell (median over its records; `default` without any): a cell the
+        model mispredicts is taken at its measured level, the model still supplying how it varies with context."""
         cell = self.cells.get(self._cell(kind, batch_bucket, gamma))
         if not cell:
-            return 1.0
+            return default
         kinds, b, ctx, g, wall = _arrays(cell)
         return float(np.median(wall / predict_wall(self.hw, self.costs, kinds, b, ctx, g)))
 
@@ -834,8 +843,14 @@ class AutoPolicy(Policy):
         """Seconds per emitted token of each γ: the cost model, corrected by what its cell measured."""
         rates = self.acceptance_rates()
         return {g: time_per_token(self.hw, self.costs, batch_bucket, mean_context, g,
-                                  expected_tau_positions(rates[:g]), active)
-                * self.calibrator.correction("sd" if g else "ar", batch_bucket, g) for g in self.gammas()}
+                                  expected_tau_positions(rates[:g]), active) * self._scale(batch_bucket, g)
+                for g in self.gammas()}
+
+    def _scale(self, batch_bucket: int, gamma: int) -> float:
+        """A cell's correction; a cell not measured yet takes its bucket's plain-step correction (a machine
+        slower than the constants say is slower at both)."""
+        plain = self.calibrator.correction("ar", batch_bucket, 0)
+        return plain if gamma == 0 else self.calibrator.correction("sd", batch_bucket, gamma, default=plain)
 
     def _choose(self, batch_bucket, active, mean_context):
         t = self.predicted_time_per_token(batch_bucket, active, mean_context)
@@ -843,8 +858,8 @@ class AutoPolicy(Policy):
         choice = best if t[0] >= (1 + self.epsilon) * t[best] else 0
         # The budget is charged a pessimistic cost: an SD step no cheaper than γ + 1 plain steps (constants fitted
         # to plain steps alone can badly underrate a drafter, e.g. one dequantized on the fly on a CPU).
-        cost = lambda g: max(step_time(self.hw, self.costs, batch_bucket, mean_context, g),
-                             (g + 1) * step_time(self.hw, self.costs, batch_bucket, mean_context, 0))
+        t = lambda g: step_time(self.hw, self.costs, batch_bucket, mean_context, g) * self._scale(batch_bucket, g)
+        cost = lambda g: max(t(g), (g + 1) * t(0))
         g = self.calibrator.explore(batch_bucket, [g for g in self.gammas() if g != choice], cost)
         self._exploring = g is not None
         return choice if g is None else g

@@ -324,6 +324,20 @@ def test_auto_refits_between_rollouts_only():
     assert a.hw != HW and cal.pending == 0
 
 
+def test_auto_scales_unmeasured_cells_like_the_plain_step():
+    """Plain steps measured 4x slower than the constants predict: cells not measured yet (every γ > 0 here)
+    are predicted 4x slower too, so a slow machine does not make speculation look cheap."""
+    a = AutoPolicy(COSTS, HW, calibrator=OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.0))
+    a.start_rollout()
+    for i in range(5):
+        a.observe(StepRecord(i, 4 * ctl.step_time(HW, COSTS, 8, 100.0, 0), 8, 8, 100.0, 0, 8))
+    unscaled = AutoPolicy(COSTS, HW, calibrator=OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.0))
+    t, t0 = a.predicted_time_per_token(8, 8, 100.0), unscaled.predicted_time_per_token(8, 8, 100.0)
+    assert set(t) == {0, *a.ladder}
+    assert all(t[g] == pytest.approx(4 * t0[g]) for g in t)
+    assert a.predicted_time_per_token(16, 16, 100.0) == unscaled.predicted_time_per_token(16, 16, 100.0)
+
+
 def test_calibration_json_round_trip(tmp_path):
     records = sweep(TRUE_HW)[:20]
     path = tmp_path / "cal.json"
