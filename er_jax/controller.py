@@ -500,6 +500,7 @@ class OnlineCalibrator:
         self.explore_eps, self.min_samples, self.explore_budget = explore_eps, min_samples, explore_budget
         self.rng = np.random.default_rng(seed)
         self.cells: dict[tuple, list[Timing]] = {}
+        self._corrections: dict[tuple, float] = {}  # see `correction`
         self.pending = 0  # records since the last refit
         self.total_s = self.explore_s = 0.0  # measured seconds of all steps / of exploring steps
         for r in records:
@@ -512,7 +513,9 @@ class OnlineCalibrator:
         return (kind, int(batch), int(gamma))
 
     def _store(self, t: Timing) -> None:
-        cell = self.cells.setdefault(self._cell(t.kind, t.batch, t.gamma), [])
+        key = self._cell(t.kind, t.batch, t.gamma)
+        cell = self.cells.setdefault(key, [])
+        self._corrections.pop(key, None)
         cell.append(t)
         del cell[:-self.per_cell]
         self.pending += 1
@@ -542,6 +545,7 @@ class OnlineCalibrator:
         if self.records:
             start = None if self.hw is self.prior else self.hw  # the first fit starts from the prior, rescaled
             self.hw = fit(self.records, self.costs, self.prior, start=start, max_nfev=self.max_nfev)
+            self._corrections.clear()
         self.pending = 0
         return self.hw
 
@@ -561,11 +565,13 @@ class OnlineCalibrator:
     def correction(self, kind: str, batch_bucket: int, gamma: int, default: float = 1.0) -> float:
         """Measured over predicted time of a cell (median over its records; `default` without any): a cell the
         model mispredicts is taken at its measured level, the model still supplying how it varies with context."""
-        cell = self.cells.get(self._cell(kind, batch_bucket, gamma))
-        if not cell:
+        key = self._cell(kind, batch_bucket, gamma)
+        if key not in self.cells:
             return default
-        kinds, b, ctx, g, wall = _arrays(cell)
-        return float(np.median(wall / predict_wall(self.hw, self.costs, kinds, b, ctx, g)))
+        if key not in self._corrections:  # cached until the cell gets a record or the constants change
+            kinds, b, ctx, g, wall = _arrays(self.cells[key])
+            self._corrections[key] = float(np.median(wall / predict_wall(self.hw, self.costs, kinds, b, ctx, g)))
+        return self._corrections[key]
 
     def state_dict(self) -> dict[str, Any]:
         return dict(hw=self.hw.to_dict(), prior=self.prior.to_dict(), pending=self.pending,
@@ -574,7 +580,7 @@ class OnlineCalibrator:
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         self.hw, self.prior = HardwareConstants.from_dict(d["hw"]), HardwareConstants.from_dict(d["prior"])
-        self.cells = {}
+        self.cells, self._corrections = {}, {}
         for r in d["records"]:
             self._store(as_timing(r))
         self.pending = int(d["pending"])

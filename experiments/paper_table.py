@@ -3,7 +3,7 @@ rollouts under each mode — ar (plain decode), sd (always speculate, fixed γ),
 adaptive (toggle + γ ladder: EfficientRollout), auto (ours) — and per mode: rollout s/step, end-to-end s/step,
 reduction vs ar, mean τ, mean γ, SD-on fraction, drafter derivation time, final reward.
 
-    python experiments/paper_table.py                 # --scale cpu: SmolLM2, 2 prompts x 4 samples, 32 tokens
+    python experiments/paper_table.py                 # --scale cpu: SmolLM2, 2 prompts x 4 samples, 48 tokens, 6 steps
     python experiments/paper_table.py --scale gpu     # SmolLM2, 32 prompts x 8 samples, 512 tokens, 30 steps
     python experiments/paper_table.py --scale tiny    # the tiny from-scratch setting (a smoke run)
 
