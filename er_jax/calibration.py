@@ -612,7 +612,8 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
                                      ratio_of_medians=res[mode]["wall_s"] / res[best]["wall_s"])
     return dict(modes=res, best_static=best, targets=targets, warmup_s=warmup_s, compile_count_after_warmup=compiled,
                 compile_count_end=r.compile_count, recompiled=r.compile_count != compiled,
-                policies={mode: p.state_dict() for mode, p in policies.items() if mode in ("toggle", "adaptive")},
+                policies={mode: p.state_dict() for mode, p in policies.items()  # auto: with its step records
+                          if mode in ("toggle", "adaptive", "auto")},
                 auto_hw=policies["auto"].hw.to_dict() if "auto" in policies else None)
 
 

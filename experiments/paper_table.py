@@ -41,7 +41,7 @@ from common import RESULTS, machine, write_json  # noqa: E402
 
 MODES = ("ar", "sd", "toggle", "adaptive", "auto")
 PRESETS = {
-    # 2 shared CPU cores: finishes in about 30 minutes.
+    # 2 shared CPU cores: 17 minutes on one VM, 34 on a 2.5x slower one.
     # Stacked layout: on this CPU it compiled an SD step of SmolLM2 6x faster than the per-layer layout
     # (34 s vs 202 s) and ran it faster (23 s vs 39 s per 8 x 32-token rollout).
     "cpu": dict(model="smollm2", task="arithmetic", prompts_per_step=2, samples=4, max_new_tokens=48, steps=6,
