@@ -543,7 +543,7 @@ class OnlineCalibrator:
     def refit(self) -> HardwareConstants:
         """Refit the constants (warm-started at the current fit, bounded: it runs between rollouts)."""
         if self.records:
-            start = None if self.hw is self.prior else self.hw  # the first fit starts from the prior, rescaled
+            start = None if self.hw == self.prior else self.hw  # the first fit starts from the prior, rescaled
             self.hw = fit(self.records, self.costs, self.prior, start=start, max_nfev=self.max_nfev)
             self._corrections.clear()
         self.pending = 0
