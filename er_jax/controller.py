@@ -853,10 +853,15 @@ class AutoPolicy(Policy):
                 for g in self.gammas()}
 
     def _scale(self, batch_bucket: int, gamma: int) -> float:
-        """A cell's correction; a cell not measured yet takes its bucket's plain-step correction (a machine
-        slower than the constants say is slower at both)."""
-        plain = self.calibrator.correction("ar", batch_bucket, 0)
-        return plain if gamma == 0 else self.calibrator.correction("sd", batch_bucket, gamma, default=plain)
+        """A cell's correction. A speculative cell not measured yet takes the largest correction measured at its
+        bucket, plain or speculative (a machine slower than the constants say is slower at both, and a drafter
+        slower than modelled at one γ is slower at the next)."""
+        cal = self.calibrator
+        plain = cal.correction("ar", batch_bucket, 0)
+        if gamma == 0:
+            return plain
+        measured = [cal.correction("sd", batch_bucket, g, default=0.0) for g in self.ladder]
+        return cal.correction("sd", batch_bucket, gamma, default=max(plain, *measured))
 
     def _choose(self, batch_bucket, active, mean_context):
         t = self.predicted_time_per_token(batch_bucket, active, mean_context)

@@ -338,6 +338,21 @@ def test_auto_scales_unmeasured_cells_like_the_plain_step():
     assert a.predicted_time_per_token(16, 16, 100.0) == unscaled.predicted_time_per_token(16, 16, 100.0)
 
 
+def test_auto_scales_unmeasured_gammas_like_the_slowest_measured_one():
+    """After one SD step at γ = 5 measured 3x slower than predicted (plain steps as predicted), the other γ of
+    that bucket are predicted 3x slower too: one slow drafter step does not make the next γ look cheap."""
+    a = AutoPolicy(COSTS, HW, calibrator=OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.0))
+    a.start_rollout()
+    a.observe(StepRecord(0, ctl.step_time(HW, COSTS, 8, 100.0, 0), 8, 8, 100.0, 0, 8))
+    a.observe(sd_record(5, 8, [0.5] * 5, step=1, bucket=8, wall_s=3 * ctl.step_time(HW, COSTS, 8, 100.0, 5),
+                        context=100.0))
+    fresh = AutoPolicy(COSTS, HW, calibrator=OnlineCalibrator(COSTS, HW, refit_every=0, explore_eps=0.0))
+    fresh.accepted, fresh.reached = a.accepted.copy(), a.reached.copy()  # same acceptance estimates
+    t, t0 = a.predicted_time_per_token(8, 8, 100.0), fresh.predicted_time_per_token(8, 8, 100.0)
+    assert t[0] == pytest.approx(t0[0])
+    assert all(t[g] == pytest.approx(3 * t0[g]) for g in a.ladder)
+
+
 def test_calibration_json_round_trip(tmp_path):
     records = sweep(TRUE_HW)[:20]
     path = tmp_path / "cal.json"
