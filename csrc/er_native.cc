@@ -1,0 +1,566 @@
+// er_jax native CPU matmuls as XLA FFI handlers: runtime ISA dispatch, the thread pool, the handlers.
+//
+// Handlers (registered from kernels/native.py with jax.ffi.register_ffi_target(..., platform="cpu")):
+//   er_jax_native_dense(x, w)                 -> y   x f32|bf16 [..., M, K], w f32|bf16 [..., K, N]
+//   er_jax_native_int8(x, data, scale)        -> y   data int8 [..., K, N], scale f32 [..., 1, N]
+//   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
+//                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
+// y has x's dtype; accumulation is f32. Every handler takes the int32 attribute `isa` (0: the process
+// default, 1: portable, 2: avx2, 3: avx512). Leading dimensions (from vmap_method="expand_dims") are
+// broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
+// all of x's leading rows run as one matmul (the weights are read once).
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "er_native.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace er_native {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// ISA selection
+
+bool cpu_supports(int isa) {
+  if (isa == kPortable) return true;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();  // libgcc also checks that the OS saves the AVX / AVX-512 register state
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kAvx2) return avx2;
+  if (isa == kAvx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+const Kernels* table(int isa) {
+  switch (isa) {
+    case kPortable: return er_native_kernels_portable();
+#if defined(__x86_64__) || defined(_M_X64)
+    case kAvx2: return er_native_kernels_avx2();
+    case kAvx512: return er_native_kernels_avx512();
+#endif
+    default: return nullptr;
+  }
+}
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case kPortable: return "portable";
+    case kAvx2: return "avx2";
+    case kAvx512: return "avx512";
+    default: return "?";
+  }
+}
+
+// A run of every format and tile shape on small integer-valued data (all sums exact in f32), compared
+// bit for bit with the portable kernels: a SIMD path that disagrees is never used.
+bool self_check(const Kernels* kern) {
+  const Kernels* ref = er_native_kernels_portable();
+  if (kern == ref) return true;
+  const int64_t K = 200, G = 128, N = 2 * kern->col_align + kern->col_align / 8 + 3, Kp = 256;
+  std::vector<float> x(7 * Kp, 0.f), wf(K * N), scale(N * (Kp / G)), y0(7 * N), y1(7 * N), s0, s1;
+  std::vector<uint16_t> wb(K * N);
+  std::vector<int8_t> wi(K * N);
+  std::vector<uint8_t> wq(Kp / 2 * N), zq(Kp / G * N);
+  uint32_t r = 12345u;
+  auto next = [&r]() { r = r * 1664525u + 1013904223u; return static_cast<int>((r >> 16) & 0xffff); };
+  for (int64_t m = 0; m < 7; ++m)
+    for (int64_t k = 0; k < K; ++k) x[m * Kp + k] = static_cast<float>(next() % 7 - 3);
+  for (int64_t i = 0; i < K * N; ++i) {
+    wf[i] = static_cast<float>(next() % 9 - 4);
+    float f = static_cast<float>(next() % 9 - 4);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    wb[i] = static_cast<uint16_t>(u >> 16);
+    wi[i] = static_cast<int8_t>(next() % 255 - 127);
+  }
+  for (auto& b : wq) b = static_cast<uint8_t>(next() & 0xff);
+  for (auto& z : zq) z = static_cast<uint8_t>(next() % 16);
+  for (auto& s : scale) s = 0.5f;
+  for (int fmt : {kF32, kBF16, kInt8, kInt4}) {
+    for (int64_t m : {1, 2, 7}) {
+      Problem p{};
+      p.fmt = fmt;
+      p.m = m;
+      p.k = K;
+      p.n = N;
+      p.x = x.data();
+      p.xs = Kp;
+      p.w = fmt == kF32 ? static_cast<const void*>(wf.data())
+            : fmt == kBF16 ? static_cast<const void*>(wb.data())
+            : fmt == kInt8 ? static_cast<const void*>(wi.data())
+                           : static_cast<const void*>(wq.data());
+      p.scale = scale.data();
+      p.zero = zq.data();
+      p.group = G;
+      p.y_bf16 = false;
+      s0.assign(m * N, 0.f);
+      s1.assign(m * N, 0.f);
+      p.y = y0.data();
+      ref->run_columns(p, 0, N, s0.data());
+      p.y = y1.data();
+      // two column chunks, the second starting at an aligned column, as the threads split them
+      kern->run_columns(p, 0, kern->col_align, s1.data());
+      kern->run_columns(p, kern->col_align, N, s1.data());
+      if (std::memcmp(y0.data(), y1.data(), sizeof(float) * m * N) != 0) return false;
+    }
+  }
+  return true;
+}
+
+struct Dispatch {
+  const Kernels* active = nullptr;  // the process default
+  std::string error;                // why there is none (only when ER_JAX_NATIVE_ISA asks for one we lack)
+  std::string notes;                // SIMD paths skipped by the self-check
+  bool usable[4] = {false, false, false, false};
+};
+
+const Dispatch& dispatch() {
+  static const Dispatch d = [] {
+    Dispatch d;
+    for (int isa : {kPortable, kAvx2, kAvx512}) {
+      const Kernels* k = table(isa);
+      if (k == nullptr || !cpu_supports(isa)) continue;
+      if (!self_check(k)) {
+        d.notes += std::string(isa_name(isa)) + " kernels failed the start-up self-check; ";
+        continue;
+      }
+      d.usable[isa] = true;
+    }
+    const char* env = std::getenv("ER_JAX_NATIVE_ISA");
+    std::string want = env ? env : "";
+    int forced = kAuto;
+    if (want == "portable") forced = kPortable;
+    else if (want == "avx2") forced = kAvx2;
+    else if (want == "avx512") forced = kAvx512;
+    else if (!want.empty() && want != "auto") {
+      d.error = "ER_JAX_NATIVE_ISA=" + want + " is not one of avx512, avx2, portable, auto";
+      return d;
+    }
+    if (forced != kAuto) {
+      if (d.usable[forced]) d.active = table(forced);
+      else d.error = "ER_JAX_NATIVE_ISA=" + want + " but this CPU (or this build) cannot run the " + want + " kernels";
+      return d;
+    }
+    for (int isa : {kAvx512, kAvx2, kPortable})
+      if (d.usable[isa]) { d.active = table(isa); break; }
+    return d;
+  }();
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Threads. Work is a number of column chunks claimed from an atomic counter. The caller claims chunks
+// too and then waits only for chunks already claimed, never for a helper task to start, so a pool
+// whose threads are all busy (or one that runs tasks inline) cannot deadlock or delay the call.
+
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::function<void(int64_t)> fn;  // touched only while a chunk is claimed, i.e. before done == n
+};
+
+void drain(Job* job) {
+  for (;;) {
+    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= job->n) return;
+    job->fn(c);
+    job->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return dflt;
+  char* end = nullptr;
+  const long long r = std::strtoll(v, &end, 10);
+  return (end && *end == 0) ? r : dflt;
+}
+
+int affinity_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  const unsigned h = std::thread::hardware_concurrency();
+  return h ? static_cast<int>(h) : 1;
+}
+
+// Our own pool: affinity_cpus() - 1 workers (the calling thread is the last one), created on first use
+// and kept for the life of the process. A worker that ran a task spins for spin_us before sleeping, so
+// the matmuls of one decode step (tens of microseconds apart) find it awake.
+class Pool {
+ public:
+  explicit Pool(int workers, int64_t spin_us) : spin_us_(spin_us) {
+    for (int i = 0; i < workers; ++i) std::thread([this] { loop(); }).detach();
+    workers_ = workers;
+  }
+  int workers() const { return workers_; }
+  void schedule(std::function<void()> f) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(f));
+      pending_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_one();
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      std::function<void()> f;
+      if (!pop(f)) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+        while (pending_.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until)
+          for (int i = 0; i < 32; ++i) cpu_relax();
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lock, [this] { return !queue_.empty(); });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        f = std::move(queue_.front());
+        queue_.pop_front();
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      f();
+    }
+  }
+  bool pop(std::function<void()>& f) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (queue_.empty()) return false;
+    f = std::move(queue_.front());
+    queue_.pop_front();
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    return true;
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  std::atomic<int64_t> pending_{0};
+  std::atomic<int> sleeping_{0};
+  int workers_ = 0;
+  int64_t spin_us_;
+};
+
+struct Threading {
+  bool use_xla = true;   // ER_JAX_NATIVE_POOL=xla (default) | own
+  int64_t max_threads;   // ER_JAX_NATIVE_THREADS (default: the affinity's CPU count)
+  int64_t min_bytes;     // ER_JAX_NATIVE_MIN_PARALLEL_BYTES: smaller weights run on the calling thread
+};
+
+const Threading& threading() {
+  static const Threading t = [] {
+    Threading t;
+    const char* pool = std::getenv("ER_JAX_NATIVE_POOL");
+    t.use_xla = !(pool && std::string(pool) == "own");
+    t.max_threads = std::max<int64_t>(1, env_int("ER_JAX_NATIVE_THREADS", affinity_cpus()));
+    t.min_bytes = env_int("ER_JAX_NATIVE_MIN_PARALLEL_BYTES", 96 << 10);
+    return t;
+  }();
+  return t;
+}
+
+Pool& own_pool() {
+  static Pool* pool = new Pool(static_cast<int>(threading().max_threads) - 1,
+                               env_int("ER_JAX_NATIVE_SPIN_US", 100));  // never destroyed
+  return *pool;
+}
+
+void parallel_chunks(ffi::ThreadPool* xla_pool, int64_t threads, int64_t n, std::function<void(int64_t)> fn) {
+  if (threads <= 1 || n <= 1) {
+    for (int64_t c = 0; c < n; ++c) fn(c);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->n = n;
+  job->fn = std::move(fn);
+  const int64_t helpers = std::min(threads, n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    if (xla_pool) xla_pool->Schedule([job] { drain(job.get()); });
+    else own_pool().schedule([job] { drain(job.get()); });
+  }
+  drain(job.get());
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 20000) cpu_relax();
+    else std::this_thread::yield();
+  }
+}
+
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// One matmul of already validated operands.
+
+void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads, Problem p, const void* x,
+                bool x_bf16, size_t weight_bytes) {
+  if (p.m == 0 || p.n == 0) return;
+  // x as f32, row stride xs; zero padding up to an even K for int4 (the high nibble of the last byte).
+  const bool pad = p.fmt == kInt4 && (p.k & 1);
+  std::vector<float> xbuf;
+  if (!x_bf16 && !pad) {
+    p.x = static_cast<const float*>(x);
+    p.xs = p.k;
+  } else {
+    p.xs = p.k + (pad ? 1 : 0);
+    xbuf.assign(static_cast<size_t>(p.m * p.xs), 0.f);
+    for (int64_t m = 0; m < p.m; ++m) {
+      float* d = xbuf.data() + m * p.xs;
+      if (x_bf16) {
+        const uint16_t* s = static_cast<const uint16_t*>(x) + m * p.k;
+        for (int64_t k = 0; k < p.k; ++k) {
+          const uint32_t u = static_cast<uint32_t>(s[k]) << 16;
+          std::memcpy(d + k, &u, 4);
+        }
+      } else {
+        std::memcpy(d, static_cast<const float*>(x) + m * p.k, sizeof(float) * p.k);
+      }
+    }
+    p.x = xbuf.data();
+  }
+  if (p.k == 0) {  // an empty sum
+    for (int64_t i = 0; i < p.m * p.n; ++i) {
+      if (p.y_bf16) static_cast<uint16_t*>(p.y)[i] = 0;
+      else static_cast<float*>(p.y)[i] = 0.f;
+    }
+    return;
+  }
+  const int64_t align = kern->col_align;
+  int64_t t = (static_cast<int64_t>(weight_bytes) < threading().min_bytes) ? 1 : threads;
+  // ~4 chunks per thread (load balance on a shared machine), at least `align` columns each.
+  int64_t cw = t <= 1 ? p.n : (p.n + 4 * t - 1) / (4 * t);
+  cw = std::max<int64_t>(align, (cw + align - 1) / align * align);
+  const int64_t chunks = (p.n + cw - 1) / cw;
+  if (chunks <= 1) t = 1;
+  parallel_chunks(xla_pool, t, chunks, [&p, kern, cw](int64_t c) {
+    const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
+    kern->run_columns(p, c0, c1, scratch(static_cast<size_t>(p.m * (c1 - c0))));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Handlers: validation, broadcasting of leading dimensions, then run_matmul per batch element.
+
+std::string dims_str(ffi::AnyBuffer::Dimensions d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+ffi::Error invalid(const std::string& msg) { return ffi::Error::InvalidArgument("er_jax native: " + msg); }
+
+struct Operand {
+  const char* name;
+  ffi::AnyBuffer::Dimensions dims;
+  int64_t batch_stride_bytes;  // bytes of one [.., R, C] matrix
+};
+
+ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyBuffer w, const ffi::AnyBuffer* scale,
+                       const ffi::AnyBuffer* zero, ffi::Result<ffi::AnyBuffer>& y, int32_t isa) {
+  const Dispatch& d = dispatch();
+  const Kernels* kern = d.active;
+  if (isa != kAuto) {
+    if (isa < kPortable || isa > kAvx512 || !d.usable[isa])
+      return invalid(std::string("the ") + (isa >= kPortable && isa <= kAvx512 ? isa_name(isa) : "requested") +
+                     " kernels cannot run on this CPU / build");
+    kern = table(isa);
+  }
+  if (kern == nullptr) return invalid(d.error.empty() ? "no usable kernels" : d.error);
+
+  const auto xt = x.element_type(), wt = w.element_type();
+  const bool x_bf16 = xt == ffi::DataType::BF16;
+  if (xt != ffi::DataType::F32 && !x_bf16) return invalid("x must be float32 or bfloat16");
+  if (y->element_type() != xt) return invalid("the output dtype must be x's");
+  if (fmt == kF32 && wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
+    return invalid("dense weights must be float32 or bfloat16");
+  if (fmt == kInt8 && wt != ffi::DataType::S8) return invalid("int8 weights must be int8");
+  if (fmt == kInt4 && wt != ffi::DataType::U8) return invalid("int4 weights must be uint8 (two codes per byte)");
+  if (scale && scale->element_type() != ffi::DataType::F32) return invalid("scale must be float32");
+  if (zero && zero->element_type() != ffi::DataType::U8) return invalid("zero must be uint8");
+  const int f = (fmt == kF32 && wt == ffi::DataType::BF16) ? kBF16 : fmt;
+
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() < 2 || wd.size() < 2 || yd.size() < 2) return invalid("operands must be at least 2-D");
+  const int64_t M = xd[xd.size() - 2], K = xd[xd.size() - 1];
+  const int64_t R = wd[wd.size() - 2], N = wd[wd.size() - 1];
+  if (yd[yd.size() - 2] != M || yd[yd.size() - 1] != N)
+    return invalid("output shape " + dims_str(yd) + " does not match x " + dims_str(xd) + " @ w " + dims_str(wd));
+  int64_t group = 128, S = 0;
+  if (f == kInt4) {
+    if (!scale || !zero) return invalid("int4 needs scale and zero");
+    S = scale->dimensions()[scale->dimensions().size() - 2];
+    const int64_t Kp = 2 * R;
+    if (S <= 0 || Kp % S || (Kp / S) % 2 || K > Kp || Kp - K >= Kp / S)
+      return invalid("int4 data " + dims_str(wd) + " / scale " + dims_str(scale->dimensions()) +
+                     " do not hold K = " + std::to_string(K) + " rows in whole groups");
+    group = Kp / S;
+  } else if (R != K) {
+    return invalid("x " + dims_str(xd) + " and w " + dims_str(wd) + " disagree on K");
+  }
+  if (f == kInt8 && scale->dimensions()[scale->dimensions().size() - 2] != 1)
+    return invalid("int8 scale must be [1, N]");
+  for (const ffi::AnyBuffer* b : {scale, zero}) {
+    if (!b) continue;
+    const auto bd = b->dimensions();
+    if (bd.size() < 2 || bd[bd.size() - 1] != N || (f == kInt4 && bd[bd.size() - 2] != S))
+      return invalid("scale / zero shape " + dims_str(bd) + " does not match the weight " + dims_str(wd));
+  }
+
+  // Leading (batch) dimensions, right-aligned against the output's.
+  const size_t lead = yd.size() - 2;
+  std::vector<Operand> ops = {{"x", xd, M * K * (x_bf16 ? 2 : 4)},
+                              {"w", wd, R * N * (f == kF32 ? 4 : f == kBF16 ? 2 : 1)}};
+  if (scale) ops.push_back({"scale", scale->dimensions(), (f == kInt4 ? S : 1) * N * 4});
+  if (zero) ops.push_back({"zero", zero->dimensions(), S * N});
+  std::vector<std::vector<int64_t>> strides(ops.size(), std::vector<int64_t>(lead, 0));
+  bool weights_batched = false;
+  for (size_t o = 0; o < ops.size(); ++o) {
+    const auto& od = ops[o].dims;
+    if (od.size() - 2 > lead) return invalid(std::string(ops[o].name) + " has more leading dimensions than the output");
+    int64_t stride = ops[o].batch_stride_bytes;
+    for (size_t i = 0; i < od.size() - 2; ++i) {
+      const size_t di = od.size() - 3 - i, yi = lead - 1 - i;
+      if (od[di] != 1 && od[di] != yd[yi])
+        return invalid(std::string(ops[o].name) + " " + dims_str(od) + " does not broadcast to the output " + dims_str(yd));
+      strides[o][yi] = od[di] == 1 ? 0 : stride;
+      if (od[di] != 1 && o > 0) weights_batched = true;
+      stride *= od[di];
+    }
+  }
+  int64_t batch = 1;
+  for (size_t i = 0; i < lead; ++i) batch *= yd[i];
+
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
+                                                                 threading().use_xla ? tp.num_threads() : 1 << 30));
+  ffi::ThreadPool* xla_pool = threading().use_xla ? &tp : nullptr;
+  const size_t wbytes = static_cast<size_t>(ops[1].batch_stride_bytes);
+  Problem p{};
+  p.fmt = f;
+  p.k = K;
+  p.n = N;
+  p.group = f == kInt4 ? group : 128;
+  p.y_bf16 = x_bf16;
+  const int64_t y_stride = M * N * (x_bf16 ? 2 : 4);
+  bool x_full = true;  // x carries every leading dimension of the output
+  for (size_t i = 0; i < lead; ++i) x_full = x_full && (yd[i] == 1 || strides[0][i] != 0);
+  if (!weights_batched && x_full) {  // one matmul of batch * M rows: the weights are read once
+    p.m = batch * M;
+    p.w = w.untyped_data();
+    p.scale = scale ? static_cast<const float*>(scale->untyped_data()) : nullptr;
+    p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) : nullptr;
+    p.y = y->untyped_data();
+    run_matmul(kern, xla_pool, threads, p, x.untyped_data(), x_bf16, wbytes);
+    return ffi::Error::Success();
+  }
+  std::vector<int64_t> idx(lead, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t off[4] = {0, 0, 0, 0};
+    for (size_t i = 0; i < lead; ++i)
+      for (size_t o = 0; o < ops.size(); ++o) off[o] += idx[i] * strides[o][i];
+    p.m = M;
+    p.w = static_cast<const char*>(w.untyped_data()) + off[1];
+    p.scale = scale ? reinterpret_cast<const float*>(static_cast<const char*>(scale->untyped_data()) + off[2]) : nullptr;
+    p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) + off[3] : nullptr;
+    p.y = static_cast<char*>(y->untyped_data()) + b * y_stride;
+    run_matmul(kern, xla_pool, threads, p, static_cast<const char*>(x.untyped_data()) + off[0], x_bf16, wbytes);
+    for (size_t i = lead; i-- > 0;) {  // row-major increment of the output's leading index
+      if (++idx[i] < yd[i]) break;
+      idx[i] = 0;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error dense_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                      int32_t isa) {
+  return run_handler(tp, kF32, x, w, nullptr, nullptr, y, isa);
+}
+ffi::Error int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
+                     ffi::Result<ffi::AnyBuffer> y, int32_t isa) {
+  return run_handler(tp, kInt8, x, data, &scale, nullptr, y, isa);
+}
+ffi::Error int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
+                     ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int32_t isa) {
+  return run_handler(tp, kInt4, x, data, &scale, &zero, y, isa);
+}
+
+}  // namespace
+}  // namespace er_native
+
+#pragma GCC visibility push(default)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_dense, er_native::dense_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int8, er_native::int8_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int4, er_native::int4_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa"));
+
+// Plain C queries for kernels/native.py (ctypes).
+extern "C" {
+// The default ISA's name, or "" when there is none (then er_jax_native_error() says why).
+const char* er_jax_native_isa() {
+  const auto* k = er_native::dispatch().active;
+  return k ? k->name : "";
+}
+const char* er_jax_native_error() { return er_native::dispatch().error.c_str(); }
+const char* er_jax_native_notes() { return er_native::dispatch().notes.c_str(); }
+// 1 when the kernels of `isa` (1 portable, 2 avx2, 3 avx512) run on this CPU and passed the self-check.
+int er_jax_native_usable(int isa) { return (isa >= 1 && isa <= 3 && er_native::dispatch().usable[isa]) ? 1 : 0; }
+const char* er_jax_native_pool() { return er_native::threading().use_xla ? "xla" : "own"; }
+int er_jax_native_max_threads() { return static_cast<int>(er_native::threading().max_threads); }
+int er_jax_native_affinity_cpus() { return er_native::affinity_cpus(); }
+}
+
+#pragma GCC visibility pop

@@ -1,0 +1,46 @@
+// er_jax native CPU kernels: declarations shared by the dispatcher (er_native.cc) and the per-ISA
+// translation units (isa_*.cc). Only plain C++ types cross this boundary: each ISA unit is compiled
+// with its own -m flags, so nothing here may instantiate a template or define an inline function that
+// the linker could merge across units (that could run AVX-512 code on an AVX2-only machine).
+#pragma once
+#include <cstdint>
+
+namespace er_native {
+
+enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
+enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
+
+// One matmul y[M, N] = x[M, K] @ W[K, N]. x has been converted to f32 (row stride xs >= K, zero-padded
+// up to a multiple of the block size so the int4 kernel may read the padding rows' x as zeros).
+struct Problem {
+  int32_t fmt;
+  int64_t m, k, n;
+  const float* x;
+  int64_t xs;
+  const void* w;        // f32 | bf16 (uint16) | int8 [K, N]; int4: uint8 [Kp/2, N]
+  const float* scale;   // int8: [1, N]; int4: [Kp/G, N]
+  const uint8_t* zero;  // int4: [Kp/G, N]
+  int64_t group;        // int4 group size G (even); the K block of every format
+  void* y;              // [M, N], f32 or bf16 (uint16)
+  bool y_bf16;
+};
+
+// Computes output columns [c0, c1) of `p` (all M rows); `scratch` holds M * (c1 - c0) floats.
+typedef void (*RunColumnsFn)(const Problem& p, int64_t c0, int64_t c1, float* scratch);
+
+struct Kernels {
+  const char* name;
+  int32_t isa;
+  int64_t col_align;  // column chunks handed to run_columns start at multiples of this
+  RunColumnsFn run_columns;
+};
+
+}  // namespace er_native
+
+extern "C" {
+const er_native::Kernels* er_native_kernels_portable();
+#if defined(__x86_64__) || defined(_M_X64)
+const er_native::Kernels* er_native_kernels_avx2();
+const er_native::Kernels* er_native_kernels_avx512();
+#endif
+}

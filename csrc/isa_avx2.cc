@@ -1,0 +1,50 @@
+// AVX2 + FMA kernels (compiled with -mavx2 -mfma -mf16c; run only where the dispatcher saw those).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "er_native.h"
+
+namespace er_native {
+namespace {
+
+struct V {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int W = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F bcast(float s) { return _mm256_set1_ps(s); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F load_bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static F load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static I load_u8_i32(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void load_u4(const uint8_t* p, I z, F& lo, F& hi) {
+    const I v = load_u8_i32(p);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), z));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), z));
+  }
+};
+
+// 16 ymm registers: M == 1: 1 x 8 vectors (64 columns, 8 independent FMA chains); M == 2: 2 x 4;
+// M >= 3: 6 x 2 (12 accumulators, the classic f32 micro-tile).
+constexpr int kMR1 = 1, kNV1 = 8, kMR2 = 2, kNV2 = 4, kMRB = 6, kNVB = 2;
+
+#include "kernel_impl.h"
+
+const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, run_columns};
+
+}  // namespace
+}  // namespace er_native
+
+extern "C" const er_native::Kernels* er_native_kernels_avx2() { return &er_native::kTable; }

@@ -1,0 +1,48 @@
+// Portable C++ kernels (any CPU; compiled with the baseline flags of the target, e.g. SSE2 on x86-64).
+// The same code as the SIMD units (kernel_impl.h) over an 8-float array that the compiler vectorizes.
+#include <cstdint>
+#include <cstring>
+
+#include "er_native.h"
+
+namespace er_native {
+namespace {
+
+struct V {
+  static constexpr int W = 8;
+  struct F { float v[W]; };
+  struct I { int32_t v[W]; };
+  static F zero() { F r; for (int i = 0; i < W; ++i) r.v[i] = 0.f; return r; }
+  static F load(const float* p) { F r; std::memcpy(r.v, p, sizeof r.v); return r; }
+  static void store(float* p, F a) { std::memcpy(p, a.v, sizeof a.v); }
+  static F bcast(float s) { F r; for (int i = 0; i < W; ++i) r.v[i] = s; return r; }
+  static F fma(F a, F b, F c) { for (int i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+  static F add(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] += b.v[i]; return a; }
+  static F load_bf16(const uint16_t* p) {
+    F r;
+    for (int i = 0; i < W; ++i) {
+      const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+      std::memcpy(&r.v[i], &u, 4);
+    }
+    return r;
+  }
+  static F load_i8(const int8_t* p) { F r; for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
+  static I load_u8_i32(const uint8_t* p) { I r; for (int i = 0; i < W; ++i) r.v[i] = p[i]; return r; }
+  static void load_u4(const uint8_t* p, I z, F& lo, F& hi) {
+    for (int i = 0; i < W; ++i) {
+      lo.v[i] = static_cast<float>((p[i] & 15) - z.v[i]);
+      hi.v[i] = static_cast<float>((p[i] >> 4) - z.v[i]);
+    }
+  }
+};
+
+constexpr int kMR1 = 1, kNV1 = 4, kMR2 = 2, kNV2 = 2, kMRB = 4, kNVB = 2;
+
+#include "kernel_impl.h"
+
+const Kernels kTable = {"portable", kPortable, kNV1 * V::W, run_columns};
+
+}  // namespace
+}  // namespace er_native
+
+extern "C" const er_native::Kernels* er_native_kernels_portable() { return &er_native::kTable; }

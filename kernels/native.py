@@ -1,0 +1,206 @@
+"""Native CPU matmuls through the XLA FFI (C++ sources in csrc/, design and numbers in docs/native.md).
+
+- `matmul(x, w)`: x [..., K] @ w [K, N], x and w float32 or bfloat16, f32 accumulation, result in x.dtype.
+- `quant_matmul(x, qa)`: x [..., K] @ an `er_jax.quant.QuantArray` [K, N] ("int8" per-channel or "int4"
+  group-128 asymmetric), read in its own layout (docs/internals.md), f32 / bf16 activations.
+
+Both are jit-, vmap- and scan-safe (`jax.ffi.ffi_call` with vmap_method="expand_dims": the handler
+broadcasts leading dimensions and, when only x is batched, folds them into M so the weights are still read
+once). Whatever they do not handle goes to the plain-jnp references, with the same result dtype: other
+float dtypes (f16), more than `MAX_M` rows, empty operands, a non-CPU default backend, or an extension
+that is not built. Malformed input (non-float x, wrong ranks, K mismatch) raises ValueError.
+
+The kernels pick an ISA at load time (AVX-512 / AVX2 / portable, best the CPU runs and that passes a
+start-up self-check); `ER_JAX_NATIVE_ISA=avx512|avx2|portable` forces one, and the `isa=` keyword of
+`matmul` / `quant_matmul` selects one per call (tests, benchmarks). Threads: XLA's own intra-op pool by
+default (`ER_JAX_NATIVE_POOL=own` for a private pool sized from the CPU affinity).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from er_jax.quant import QuantArray
+
+ISAS = {"portable": 1, "avx2": 2, "avx512": 3}
+# Rows (M = product of x's leading dimensions) up to which the native kernels are used; larger M
+# (prefill) goes to XLA's dot, which is faster there (docs/native.md, "Large M").
+MAX_M = 256
+
+_TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4")
+_state: dict | None = None
+
+
+def _library_paths() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(glob.glob(os.path.join(here, "_er_jax_native*.so")))
+
+
+def _load() -> dict:
+    """Load the extension and register its FFI targets, once per process."""
+    global _state
+    if _state is not None:
+        return _state
+    st = {"lib": None, "reason": None, "isa": None}
+    paths = _library_paths()
+    if not paths:
+        st["reason"] = ("the native CPU kernels were not built (no C++17 compiler at install time, or "
+                        "ER_JAX_NATIVE_BUILD=0): reinstall er_jax with g++ or clang++ present (pip install -e .)")
+    else:
+        try:
+            lib = ctypes.CDLL(paths[0])
+            for fn in ("er_jax_native_isa", "er_jax_native_error", "er_jax_native_notes", "er_jax_native_pool"):
+                getattr(lib, fn).restype = ctypes.c_char_p
+            for fn in ("er_jax_native_usable", "er_jax_native_max_threads", "er_jax_native_affinity_cpus"):
+                getattr(lib, fn).restype = ctypes.c_int
+            isa = lib.er_jax_native_isa().decode()
+            if not isa:
+                st["reason"] = f"the native CPU kernels cannot run: {lib.er_jax_native_error().decode()}"
+            else:
+                for name in _TARGETS:
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+                st["lib"], st["isa"] = lib, isa
+        except (OSError, AttributeError) as e:
+            st["reason"] = f"the native CPU kernels ({os.path.basename(paths[0])}) could not be loaded: {e}"
+    _state = st
+    return st
+
+
+def available() -> bool:
+    """True when the extension is built, loads, and has kernels this CPU can run."""
+    return _load()["lib"] is not None
+
+
+def why_unavailable() -> str | None:
+    """One sentence saying why `available()` is False (None when it is True)."""
+    return _load()["reason"]
+
+
+def isa() -> str:
+    """The ISA path the kernels use by default ("avx512", "avx2", "portable"), or "" when unavailable."""
+    return _load()["isa"] or ""
+
+
+def usable_isas() -> list[str]:
+    """Every ISA path this CPU runs (and that passed the start-up self-check), best last."""
+    lib = _load()["lib"]
+    return [] if lib is None else [n for n, c in ISAS.items() if lib.er_jax_native_usable(c)]
+
+
+def info() -> dict:
+    """What the loaded kernels run with: ISA, pool ("xla" = XLA's intra-op pool, "own"), threads."""
+    st = _load()
+    if st["lib"] is None:
+        return {"available": False, "reason": st["reason"]}
+    lib = st["lib"]
+    return {"available": True, "isa": st["isa"], "usable_isas": usable_isas(),
+            "pool": lib.er_jax_native_pool().decode(), "max_threads": lib.er_jax_native_max_threads(),
+            "affinity_cpus": lib.er_jax_native_affinity_cpus(), "notes": lib.er_jax_native_notes().decode(),
+            "library": _library_paths()[0]}
+
+
+def _isa_code(isa_name: str | None) -> int:
+    if isa_name is None:
+        return 0
+    if isa_name not in ISAS:
+        raise ValueError(f"isa must be one of {sorted(ISAS)} or None, got {isa_name!r}")
+    if isa_name not in usable_isas():
+        raise ValueError(f"the {isa_name} kernels cannot run here (usable: {usable_isas()})")
+    return ISAS[isa_name]
+
+
+_NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _check_x(x, k: int, what: str):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{what}: x must be an array, got {type(x).__name__}")
+    if x.ndim < 1:
+        raise ValueError(f"{what}: x must have at least one axis (its last is K), got a scalar")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{what}: x must be a float array (float32 / bfloat16), got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"{what}: x has shape {tuple(x.shape)}; its last axis must be the weight's K = {k}")
+
+
+def _native_ok(x, m: int, n: int, k: int) -> bool:
+    return (jnp.dtype(x.dtype) in _NATIVE_DTYPES and 0 < m <= MAX_M and n > 0 and k > 0 and available()
+            and jax.default_backend() == "cpu")
+
+
+def matmul_reference(x, w):
+    """x @ w in f32 accumulation, cast to x.dtype."""
+    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def matmul(x, w, *, ex=None, name=None, isa: str | None = None):
+    """x [..., K] @ w [K, N] -> [..., N] in x.dtype (f32 accumulation). `ex` / `name`: the backend seam's
+    uniform signature, ignored. `isa`: force one ISA path for this call (default: the process's)."""
+    del ex, name
+    if not hasattr(w, "shape") or not hasattr(w, "dtype") or w.ndim != 2:
+        raise ValueError(f"matmul: w must be a 2-D [K, N] array, got {getattr(w, 'shape', type(w).__name__)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"matmul: w must be a float array (float32 / bfloat16), got {w.dtype}")
+    k, n = w.shape
+    _check_x(x, k, "matmul")
+    m = math.prod(x.shape[:-1])
+    if not (_native_ok(x, m, n, k) and jnp.dtype(w.dtype) in _NATIVE_DTYPES):
+        return matmul_reference(x, w)
+    code = _isa_code(isa)
+    y = jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((m, n), x.dtype),
+                         vmap_method="expand_dims")(x.reshape(m, k), w, isa=np.int32(code))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None):
+    """x [..., K] @ dequantize(qa) -> [..., N] in x.dtype (f32 accumulation), qa a 2-D QuantArray read in
+    place. `ex` / `name` are ignored (the backend seam's signature); `isa` as in `matmul`."""
+    del ex, name
+    from er_jax.kernels.quant_matmul import quant_matmul_reference
+
+    if not isinstance(qa, QuantArray):
+        raise ValueError(f"quant_matmul: qa must be an er_jax.quant.QuantArray, got {type(qa).__name__}")
+    if qa.data.ndim != 2:
+        raise ValueError(f"quant_matmul: only 2-D [K, N] QuantArrays (one layer); got data of shape "
+                         f"{tuple(qa.data.shape)}")
+    k, n = qa.in_features, qa.data.shape[-1]
+    _check_x(x, k, "quant_matmul")
+    if qa.scheme == "int8":
+        want = {"data": (jnp.int8, (k, n)), "scale": (jnp.float32, (1, n))}
+    elif qa.scheme == "int4":
+        g = qa.group_size
+        groups = -(-k // g)
+        if g < 2 or g % 2:
+            raise ValueError(f"quant_matmul: int4 group_size must be even, got {g}")
+        want = {"data": (jnp.uint8, (groups * g // 2, n)), "scale": (jnp.float32, (groups, n)),
+                "zero": (jnp.uint8, (groups, n))}
+    else:
+        raise ValueError(f"quant_matmul: unknown QuantArray scheme {qa.scheme!r} (int4 / int8)")
+    for field, (dtype, shape) in want.items():
+        a = getattr(qa, field)
+        if a is None or jnp.dtype(a.dtype) != jnp.dtype(dtype) or tuple(a.shape) != shape:
+            got = None if a is None else f"{a.dtype} {tuple(a.shape)}"
+            raise ValueError(f"quant_matmul: {qa.scheme} {field} must be {jnp.dtype(dtype)} {shape} for K={k}, "
+                             f"N={n}; got {got}")
+    m = math.prod(x.shape[:-1])
+    if not _native_ok(x, m, n, k):
+        return quant_matmul_reference(x, qa)
+    code = _isa_code(isa)
+    out = jax.ShapeDtypeStruct((m, n), x.dtype)
+    x2 = x.reshape(m, k)
+    if qa.scheme == "int8":
+        y = jax.ffi.ffi_call("er_jax_native_int8", out, vmap_method="expand_dims")(
+            x2, qa.data, qa.scale, isa=np.int32(code))
+    else:
+        y = jax.ffi.ffi_call("er_jax_native_int4", out, vmap_method="expand_dims")(
+            x2, qa.data, qa.scale, qa.zero, isa=np.int32(code))
+    return y.reshape(*x.shape[:-1], n)
+
+
+IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul}
