@@ -118,21 +118,32 @@ def make_trainer(seed=0, ckpt_dir=None, mode="adaptive", calibration=SPECULATE, 
     return Trainer(cfg, weights, task, g, ckpt_dir=ckpt_dir, calibration=calibration, layout=layout)
 
 
-@pytest.mark.parametrize("seed, mode", [(0, "ar"), (1, "ar"), (2, "adaptive")])
-def test_tiny_grpo_reward_rises(seed, mode):
-    """Reward climbs from chance (~0.1) to well above it within 30 steps, for three seeds, with plain and with
-    speculative rollouts. (Over seeds 0-4 in plain mode the last-5 mean rose by 0.38 to 0.70.)"""
-    tr = make_trainer(seed, mode=mode, samples=8, lr=5e-3)
-    ms = tr.run(30)
-    rewards = [m["reward"] for m in ms]
-    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
-    assert first < 0.3 and last > first + 0.25, rewards
-    assert max(tr.fidelity) < 1e-4  # the rollout's log-probs match the trainer's at every step
-    if mode == "adaptive":
-        assert all(m["sd_on_fraction"] > 0 for m in ms)  # memory-bound constants: the toggle switches on
-        assert all(m["drafter_derive_s"] > 0 for m in ms)  # re-derived after every update
-        assert len(tr.rollout.policy.tau_history) == len(ms)  # the controller saw every speculating rollout
-        assert np.mean([m["tau"] for m in ms[-5:]]) > np.mean([m["tau"] for m in ms[:5]])  # sharper policy, higher τ
+@pytest.mark.slow
+def test_tiny_grpo_reward_rises():
+    """Reward climbs from chance (~0.1) within 30 steps, for three seeds, with plain and with speculative
+    rollouts.
+
+    False-failure rate. A CPU model's float rounding changes a run the way a change of seed does (the runs are
+    chaotic), so the margins below come from seeds, not from one machine's run: at lr 2e-3, 14 runs (seeds 0-7
+    ar, 2-7 adaptive) rose by last-10 mean - first-5 mean = 0.27-0.75 (mean 0.51, sd 0.14), and the adaptive
+    runs' mean τ rose by 0.6-0.8. Each run must rise at all (3.6 sd below the mean: p ~ 2e-4 per run) and the
+    three runs by 0.2 on average (3.8 sd of a three-run mean: p ~ 1e-4): about 6e-4 in all. (lr 5e-3 learned
+    faster but collapsed to reward 0 on another CPU; 2e-3 never did in these runs.)"""
+    rises = []
+    for seed, mode in ((0, "ar"), (1, "ar"), (2, "adaptive")):
+        tr = make_trainer(seed, mode=mode, samples=8, lr=2e-3)
+        ms = tr.run(30)
+        rewards = [m["reward"] for m in ms]
+        rise = np.mean(rewards[-10:]) - np.mean(rewards[:5])
+        assert rise > 0, (seed, mode, rewards)
+        rises.append(rise)
+        assert max(tr.fidelity) < 1e-4  # the rollout's log-probs match the trainer's at every step
+        if mode == "adaptive":
+            assert all(m["sd_on_fraction"] > 0 for m in ms)  # memory-bound constants: the toggle switches on
+            assert all(m["drafter_derive_s"] > 0 for m in ms)  # re-derived after every update
+            assert len(tr.rollout.policy.tau_history) == len(ms)  # the controller saw every speculating rollout
+            assert np.mean([m["tau"] for m in ms[-5:]]) > np.mean([m["tau"] for m in ms[:5]])  # sharper policy
+    assert np.mean(rises) > 0.2, rises
 
 
 KEYS = ("reward", "loss", "grad_norm", "objective", "tokens", "mean_length", "tau", "gamma_mean",
