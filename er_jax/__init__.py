@@ -1,5 +1,6 @@
 """er_jax: system-aware self-speculative decoding for RL rollouts, in JAX/Pallas."""
-from er_jax.config import DrafterConfig, ModelConfig, RolloutConfig, SamplingConfig, SHAPE_PRESETS
+from er_jax.config import ModelConfig, RolloutConfig, SamplingConfig, SHAPE_PRESETS
+from er_jax.execution import Execution
 from er_jax.engine import RolloutOutput
 from er_jax.model import forward, init_weights
 from er_jax.quant import QuantArray, derive_drafter
@@ -12,5 +13,5 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     return _load(name_or_path, dtype=dtype)
 
 
-__all__ = ["DrafterConfig", "ModelConfig", "QuantArray", "RolloutConfig", "RolloutOutput", "SHAPE_PRESETS",
+__all__ = ["Execution", "ModelConfig", "QuantArray", "RolloutConfig", "RolloutOutput", "SHAPE_PRESETS",
            "SamplingConfig", "SpecRollout", "derive_drafter", "forward", "init_weights", "load_model"]

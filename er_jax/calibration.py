@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from er_jax import controller
-from er_jax.config import SHAPE_PRESETS, ModelConfig, RolloutConfig
+from er_jax.config import BACKENDS, MODES, SCHEMES, SHAPE_PRESETS, ModelConfig, RolloutConfig
+from er_jax.config import platform as platform_name
 
 CSV_FIELDS = ("kind", "batch", "context", "gamma", "wall_s", "tau")
 
@@ -72,8 +73,7 @@ class LoadedModel:
 
 
 def default_dtype() -> str:
-    import jax
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if platform_name() == "cpu" else "bfloat16"
 
 
 def resolve_model(model: str | None = None, preset: str | None = None, layers: int | None = None,
@@ -169,14 +169,14 @@ def sweep(config: ModelConfig, weights, *, batches: Sequence[int], contexts: Seq
     # A minimal SpecRollout gives the exact execution weights (layout, dtype, drafter) rollouts use.
     r = SpecRollout(config, weights, max_batch=1, max_prompt_len=1, max_new_tokens=1, drafter=drafter,
                     mode="sd" if spec_gammas else "ar", kernels=kernels, **({"layout": layout} if layout else {}))
-    weights, qweights, kernels = r.weights, r.drafter, r.kernels
+    weights, qweights, ex = r.weights, r.drafter, r.ex
     del r
     sc = SamplingConfig(temperature=temperature)
-    spec = StepSpec(config, sc, (), kernels)  # no EOS: rows never finish inside a timed step
-    draft_fns = {g: jax.jit(lambda d, c, last, keys, g=g: draft(config, d, c, last, sc, keys, g, kernels),
+    spec = StepSpec(config, sc, (), ex)  # no EOS: rows never finish inside a timed step
+    draft_fns = {g: jax.jit(lambda d, c, last, keys, g=g: draft(config, d, c, last, sc, keys, g, ex),
                             donate_argnums=(1,)) for g in spec_gammas}
     verify_fn = jax.jit(lambda w, c, last, toks, logits, keys: verify(config, w, c, last, toks, logits, sc, keys,
-                                                                      kernels), donate_argnums=(1,))
+                                                                      ex), donate_argnums=(1,))
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     from tqdm import tqdm
@@ -186,8 +186,7 @@ def sweep(config: ModelConfig, weights, *, batches: Sequence[int], contexts: Seq
     for context in contexts:
         for b in batches:
             # The cache is sized for a rollout whose prompts hold `context` tokens (as SpecRollout sizes it).
-            eng = Engine(config, max_batch=b, max_prompt_len=context, max_new_tokens=max(gammas) + 2,
-                         kernels=kernels)
+            eng = Engine(config, max_batch=b, max_prompt_len=context, max_new_tokens=max(gammas) + 2, ex=ex)
             big = np.full(b, eng.max_new_tokens, np.int32)
             st = eng._initial_state(b, b, seed, big, big)
             last_np = rng.integers(0, config.vocab_size, b).astype(np.int32)
@@ -483,14 +482,15 @@ def machine() -> dict:
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ""
-    return {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    return {"platform": platform_name(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-            "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def machine_tag() -> str:
     import jax
-    return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind.lower().replace(" ", "-")
+    return "cpu" if platform_name() == "cpu" else jax.devices()[0].device_kind.lower().replace(" ", "-")
 
 
 def steal_seconds() -> float | None:
@@ -526,7 +526,7 @@ def workload(m: LoadedModel, n_prompts: int, samples: int, *, lengths: str = "lo
     return prompts, np.clip(np.round(draw), min_len, max_new).astype(np.int32)
 
 
-def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequence[str] = controller.MODES,
+def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequence[str] = MODES,
                   repeats: int = 3, drafter: str = "int4", draft_length: int = 5,
                   ladder: Sequence[int] = controller.DEFAULT_LADDER, calibration=None, temperature: float = 1.0,
                   seed: int = 0, trace_dir: str | None = None, log=print, mesh=None,
@@ -539,9 +539,9 @@ def bench_rollout(m: LoadedModel, *, prompts, lengths, max_new: int, modes: Sequ
     from er_jax.rollout import SpecRollout
 
     modes = list(dict.fromkeys(modes))
-    bad = [x for x in modes if x not in controller.MODES]
+    bad = [x for x in modes if x not in MODES]
     if bad or not modes:
-        raise ValueError(f"modes must be among {controller.MODES}, got {list(modes)}")
+        raise ValueError(f"modes must be among {MODES}, got {list(modes)}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     n = len(prompts)
@@ -683,7 +683,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--preset", help=f"a shape preset with random weights: {', '.join(sorted(all_presets()))}")
     g.add_argument("--layers", type=int, help="keep only the first N layers (shrinks a model for CPU)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, else bfloat16")
-    g.add_argument("--drafter", default="int4", choices=controller.DRAFTER_SCHEMES)
+    g.add_argument("--drafter", default="int4", choices=SCHEMES)
 
 
 def cmd_sweep(args) -> int:
@@ -787,7 +787,7 @@ def add_bench_rollout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=0.8, help="log-sd of the lognormal lengths")
     p.add_argument("--min-len", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--modes", nargs="+", default=list(controller.MODES), choices=controller.MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--repeats", type=int, default=3, help="runs per mode (the median is reported)")
     p.add_argument("--draft-length", type=int, default=5, help="γ of sd and toggle; adaptive's start rung")
     p.add_argument("--ladder", type=int, nargs="+", default=list(controller.DEFAULT_LADDER))
@@ -817,7 +817,7 @@ def register(sub) -> None:
     s.add_argument("--reps", type=int, default=5, help="timed runs per unit (median)")
     s.add_argument("--warmup", type=int, default=2, help="untimed runs per unit (the first compiles)")
     s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--kernels", choices=("xla", "pallas"), help="default: the backend's fastest")
+    s.add_argument("--kernels", choices=BACKENDS, help="op backend (default: the platform's fastest)")
     s.add_argument("--layout", choices=("stacked", "unstacked"), help="layer execution layout (default: "
                    "SpecRollout's, i.e. unstacked on one CPU device, else stacked)")
     s.add_argument("--seed", type=int, default=0)

@@ -4,9 +4,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# The named choices a user makes, each defined once (argparse `choices`, validation and docs use these).
+MODES = ("ar", "sd", "toggle", "adaptive", "auto")  # see er_jax.controller.policies
+SCHEMES = ("int4", "int8")  # drafter weight formats, see er_jax.quant
+BACKENDS = ("xla", "pallas", "native")  # op implementations, see er_jax.kernels.registry
+LAYOUTS = ("stacked", "unstacked")  # layer weights: stacked and scanned, or a per-layer tuple (CPU)
+
+
+def platform() -> str:
+    """The platform jax runs on ("cpu", "gpu" or "tpu"): the one place that asks."""
+    return jax.default_backend()
+
+
+def check_choice(what: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -95,16 +112,6 @@ class RolloutConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_k, self.top_p)
-
-
-@dataclass(frozen=True)
-class DrafterConfig:
-    scheme: str = "int4"  # "int4" (group-128 asymmetric, the paper's) or "int8" (per-channel symmetric)
-    group_size: int = 128
-
-    def __post_init__(self):
-        if self.scheme not in ("int4", "int8"):
-            raise ValueError(f"drafter scheme must be 'int4' or 'int8', got {self.scheme!r}")
 
 
 # Shapes of real models, for benchmarks with random weights (timing does not depend on values).

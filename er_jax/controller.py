@@ -23,12 +23,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from er_jax.config import ModelConfig
+from er_jax.config import MODES, SCHEMES, ModelConfig, check_choice, platform
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-DRAFTER_SCHEMES = ("int4", "int8")
 KINDS = ("ar", "draft", "verify", "sd")
-MODES = ("ar", "sd", "toggle", "adaptive", "auto")
 DEFAULT_LADDER = (5, 7, 9, 11)
 
 
@@ -44,7 +42,7 @@ def quantized_bytes(k: int, n: int, scheme: str, group_size: int = 128) -> int:
     if scheme == "int4":
         groups = -(-k // group_size)
         return groups * group_size // 2 * n + groups * n * (4 + 1)
-    raise ValueError(f"drafter scheme must be one of {DRAFTER_SCHEMES}, got {scheme!r}")
+    raise ValueError(f"drafter scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
 @dataclass(frozen=True)
@@ -75,13 +73,11 @@ class ModelCosts:
         for f in ("kv_bytes_per_token", "flops_attn"):
             if not getattr(self, f) >= 0:
                 raise ValueError(f"ModelCosts.{f} must be >= 0, got {getattr(self, f)}")
-        if self.drafter_scheme not in DRAFTER_SCHEMES:
-            raise ValueError(f"drafter scheme must be one of {DRAFTER_SCHEMES}, got {self.drafter_scheme!r}")
+        check_choice("drafter scheme", self.drafter_scheme, SCHEMES)
 
     @classmethod
     def from_config(cls, config: ModelConfig, drafter_scheme: str = "int4", group_size: int = 128) -> "ModelCosts":
-        if drafter_scheme not in DRAFTER_SCHEMES:
-            raise ValueError(f"drafter scheme must be one of {DRAFTER_SCHEMES}, got {drafter_scheme!r}")
+        check_choice("drafter scheme", drafter_scheme, SCHEMES)
         it = ITEMSIZE[config.dtype]
         d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
         qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -157,8 +153,7 @@ def defaults_for(platform_name: str) -> HardwareConstants:
 
 
 def current_platform() -> str:
-    import jax  # only to ask which backend is in use
-    return jax.default_backend()
+    return platform()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -904,8 +899,7 @@ def make_policy(mode: str, costs: ModelCosts, draft_length: int = 5, ladder: Seq
     """A policy by mode name. Constants: `hw`, else `calibration` (JSON path / dict / HardwareConstants),
     else this platform's defaults. `adaptive` starts at `draft_length` when it is on the ladder, else at the
     bottom rung; `auto` seeds its online calibrator with the calibration's records too."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     draft_length = _check_draft_length(draft_length)
     ladder = _check_ladder(ladder)
     seed_hw, seed_records = load_calibration(calibration) if calibration is not None else (None, [])

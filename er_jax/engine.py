@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from er_jax.cache import KVCache, cache_bytes, gather_rows, init_cache
 from er_jax.config import ModelConfig, SamplingConfig
 from er_jax.controller import step_intensity
+from er_jax.execution import Execution
 from er_jax.model import forward
 from er_jax.sharding import cache_sharding, global_decision, replicated, rows_sharding, to_host
 from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
@@ -69,9 +70,12 @@ class StepSpec:
     config: ModelConfig
     sampling: SamplingConfig
     eos_ids: tuple[int, ...]
-    kernels: str
-    mesh: Mesh | None = None
+    ex: Execution
     forced_acceptance: float | None = None  # bench only (see Engine): not lossless
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return self.ex.mesh
 
 
 def _place(spec: StepSpec, st: DecodeState) -> DecodeState:
@@ -122,7 +126,7 @@ def _step_keys(st: DecodeState):
 
 
 def ar_step(spec: StepSpec, weights, st: DecodeState):
-    logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, kernels=spec.kernels, mesh=spec.mesh)
+    logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, ex=spec.ex)
     logits = logits[:, 0]
     tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
@@ -133,10 +137,9 @@ def ar_step(spec: StepSpec, weights, st: DecodeState):
 def sd_step(spec: StepSpec, gamma: int, weights, drafter, st: DecodeState):
     keys = _step_keys(st)
     k_draft, k_verify = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    cache, d_tok, d_logits = draft(spec.config, drafter, st.cache, st.last, spec.sampling, k_draft, gamma,
-                                   spec.kernels, spec.mesh)
+    cache, d_tok, d_logits = draft(spec.config, drafter, st.cache, st.last, spec.sampling, k_draft, gamma, spec.ex)
     cache, n_acc, tokens, logps = verify(spec.config, weights, cache, st.last, d_tok, d_logits,
-                                         spec.sampling, k_verify, spec.kernels, spec.mesh)
+                                         spec.sampling, k_verify, spec.ex)
     if spec.forced_acceptance is not None:  # bench only: i.i.d. Bernoulli(α) acceptances replace the test
         u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (gamma,)))(k_verify)
         n_acc = jnp.sum(jnp.cumprod(u < spec.forced_acceptance, axis=1), axis=1).astype(jnp.int32)
@@ -148,7 +151,7 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
     """Feed padded prompts (int [B, P]) into an empty cache and sample each row's first token."""
     cache = KVCache(st.cache.k, st.cache.v, jnp.zeros_like(prompt_lens))
     logits, cache = forward(spec.config, weights, prompts, cache, logit_index=(prompt_lens - 1)[:, None],
-                            kernels=spec.kernels, mesh=spec.mesh)
+                            ex=spec.ex)
     logits = logits[:, 0]
     tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
@@ -179,8 +182,8 @@ class Engine:
     """Owns the compile cache and runs rollouts. Weights are arguments, so swapping them never recompiles."""
 
     def __init__(self, config: ModelConfig, *, max_batch: int, max_prompt_len: int, max_new_tokens: int,
-                 max_draft: int = MAX_DRAFT, kernels: str = "xla", kv_budget_bytes: int | None = None,
-                 mesh: Mesh | None = None, forced_acceptance: float | None = None):
+                 max_draft: int = MAX_DRAFT, ex: Execution = Execution(), kv_budget_bytes: int | None = None,
+                 forced_acceptance: float | None = None):
         """forced_acceptance (benchmarks only): every speculative step accepts each draft position with this
         probability, independently, instead of running the rejection test, so a random-weight model of a real
         size drafts as well as a measured real one. Output tokens are then NOT samples of the target (and not
@@ -196,13 +199,13 @@ class Engine:
                              f"{forced_acceptance}")
         self.forced_acceptance = None if forced_acceptance is None else float(forced_acceptance)
         self.config = config
-        self.mesh = mesh
-        self.data_parallel = 1 if mesh is None else int(mesh.shape["data"])
+        self.ex = ex
+        self.mesh = ex.mesh
+        self.data_parallel = 1 if ex.mesh is None else int(ex.mesh.shape["data"])
         self.max_batch = batch_bucket(max_batch, self.data_parallel)
         self.max_prompt_len = int(max_prompt_len)
         self.max_new_tokens = int(max_new_tokens)
         self.max_draft = int(max_draft)
-        self.kernels = kernels
         # Drafting writes up to γ positions past the last emitted token; verify writes γ+1.
         self.max_len = prompt_bucket(max_prompt_len) + self.max_new_tokens + self.max_draft + 1
         self.kv_bytes = cache_bytes(config, self.max_batch, self.max_len)
@@ -243,7 +246,7 @@ class Engine:
         """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket), a step per
         (batch bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
         before = self.compile_count
-        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh, self.forced_acceptance)
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.ex, self.forced_acceptance)
         buckets = [self.data_parallel << i for i in range(int(math.log2(self.max_batch // self.data_parallel)) + 1)]
         pbs = sorted({prompt_bucket(p) for p in (prompt_lens or [self.max_prompt_len])})
         for b in buckets:
@@ -294,7 +297,7 @@ class Engine:
         `costs` (controller.ModelCosts) adds each step's FLOPs and bytes moved to its record."""
         n = len(prompts)
         bucket = batch_bucket(n, self.data_parallel)
-        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.kernels, self.mesh, self.forced_acceptance)
+        spec = StepSpec(self.config, sampling, tuple(eos_ids), self.ex, self.forced_acceptance)
         plens = np.array([len(p) for p in prompts], np.int32)
         pb = prompt_bucket(int(plens.max()))
         padded = np.full((bucket, pb), pad_id, np.int32)

@@ -11,21 +11,10 @@ import jax.numpy as jnp
 
 from er_jax.cache import KVCache
 from er_jax.config import ModelConfig
-from er_jax.quant import QuantArray, quant_matmul
+from er_jax.execution import Execution
+from er_jax.quant import QuantArray
 
-KERNELS = ("xla", "pallas")
-
-
-def default_kernels() -> str:
-    """The fastest correct choice per backend: Pallas on GPU/TPU, XLA on CPU."""
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
-
-
-def check_kernels(kernels: str) -> str:
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    return kernels
-
+DEFAULT_EXECUTION = Execution()  # XLA, one device, stacked layers
 
 def rms_norm(x, w, eps):
     x32 = x.astype(jnp.float32)
@@ -45,52 +34,17 @@ def rope(x, positions, theta):
     return out.astype(x.dtype)
 
 
-def linear(x, w, kernels: str, name: str | None = None, mesh=None):
-    """x @ w. A QuantArray (the drafter's projection `name`) goes to the quantized matmul; with Pallas kernels
-    on a mesh, the kernel runs per shard (er_jax.kernels.sharded)."""
-    if isinstance(w, QuantArray):
-        if kernels == "pallas" and mesh is not None:
-            from er_jax.kernels import sharded
-            return sharded.quant_matmul(x, w, name, mesh)
-        return quant_matmul(x, w, kernels=kernels)
-    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+def linear(x, w, ex: Execution, name: str | None = None):
+    """x @ w through the execution's backend: a QuantArray (the drafter's projection `name`) goes to the
+    quantized matmul op, a dense array to the dense one."""
+    return ex.op("quant_matmul" if isinstance(w, QuantArray) else "matmul")(x, w, ex=ex, name=name)
 
 
-def attention_reference(q, k, v, q_pos):
-    """Causal GQA attention of queries at absolute positions `q_pos` over keys at positions 0..S-1.
-
-    q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T]. Key j is visible to query (b, t) iff
-    j <= q_pos[b, t]; keys past a row's length are masked by that rule. Returns [B, T, H, hd].
-    """
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
-    visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    s = jnp.where(visible[:, None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(b, t, h, hd).astype(q.dtype)
-
-
-def _attention(q, k, v, q_pos, kernels, layer=None, mesh=None):
-    """k, v: one layer's keys/values [B, S, KV, hd], or the stacked cache [L, B, S, KV, hd] with `layer`
-    (the Pallas kernel then reads the layer in place instead of a sliced copy)."""
-    if kernels == "pallas" and mesh is not None:
-        from er_jax.kernels import sharded
-        return sharded.ragged_attention(q, k, v, q_pos, layer, mesh)
-    if kernels == "pallas":
-        from er_jax.kernels.attention import ragged_attention
-        return ragged_attention(q, k, v, q_pos, layer=layer)
-    if layer is not None:
-        k, v = k[layer], v[layer]
-    return attention_reference(q, k, v, q_pos)
-
-
-def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels, mesh):
+def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution):
     """One decoder layer. `kv_write(k_new, v_new) -> (k, v, layer)` stores this layer's new K/V and
-    returns the keys/values to attend over (see `_attention`)."""
-    mm = lambda y, n: linear(y, lw[n], kernels, n, mesh)
+    returns the keys/values to attend over: one layer's [B, S, KV, hd], or the stacked cache with `layer`
+    (a backend's attention may then read the layer in place instead of a sliced copy)."""
+    mm = lambda y, n: linear(y, lw[n], ex, n)
     b, t, _ = x.shape
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
     y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
@@ -101,7 +55,7 @@ def _layer(config: ModelConfig, lw, x, positions, kv_write, kernels, mesh):
     k = rope(k.reshape(b, t, kvh, hd), positions, config.rope_theta)
     v = v.reshape(b, t, kvh, hd)
     k_all, v_all, layer = kv_write(k, v)
-    o = _attention(q, k_all, v_all, positions, kernels, layer, mesh)
+    o = ex.op("attention")(q, k_all, v_all, positions, ex=ex, layer=layer)
     x = x + mm(o.reshape(b, t, h * hd), "wo")
     y = rms_norm(x, lw["mlp_norm"], config.rms_norm_eps)
     return x + mm(jax.nn.silu(mm(y, "w_gate")) * mm(y, "w_up"), "w_down")
@@ -115,7 +69,7 @@ def logits_from_hidden(config: ModelConfig, weights, x):
 
 
 def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, *,
-            logit_index=None, kernels: str = "xla", mesh=None):
+            logit_index=None, ex: Execution = DEFAULT_EXECUTION):
     """Run the decoder on `tokens` (int [B, T]).
 
     Without `cache`: teacher-forced causal forward over positions 0..T-1; returns logits [B, T, V] (f32).
@@ -123,7 +77,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     With `cache`: the new tokens sit at positions `cache.lengths[b] + t`; their K/V are written there and
     each attends to all cached positions before it. Returns `(logits, cache)` with `lengths` unchanged.
     `logit_index` (int [B, K]) selects which of the T positions get logits ([B, K, V]); default all.
-    `mesh`: the ("data", "model") mesh the inputs are placed on, so Pallas kernels run per shard.
+    `ex`: how the ops run (backend, mesh; see er_jax.execution); the layer layout is read off `weights`.
     """
     b, t = tokens.shape
     x = weights["embed"][tokens].astype(config.jnp_dtype)
@@ -134,7 +88,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     unstacked = isinstance(layers, (list, tuple))  # see unstack_layers
     if cache is None:
         def body(x, lw):
-            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), kernels, mesh), None
+            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), ex), None
 
         if unstacked:
             for lw in layers:
@@ -154,7 +108,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
                 v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
                 return k_all, v_all, i
 
-            x = _layer(config, lw, x, positions, kv_write, kernels, mesh)
+            x = _layer(config, lw, x, positions, kv_write, ex)
             return (x, k_all, v_all), None
 
         carry = (x, cache.k, cache.v)

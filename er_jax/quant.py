@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from er_jax.config import SCHEMES, check_choice
+
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-SCHEMES = ("int4", "int8")
 
 
 @struct.dataclass
@@ -89,16 +90,6 @@ def dequantize(qa: QuantArray, dtype=jnp.float32):
     return w.reshape(*codes.shape[:-2], kp, n)[..., : qa.in_features, :].astype(dtype)
 
 
-def quant_matmul(x, qa: QuantArray, kernels: str = "xla"):
-    """x [..., K] @ W -> [..., N] in x.dtype with f32 accumulation. `kernels="pallas"` uses the Pallas
-    kernel (weights cross memory once as int8/int4); "xla" dequantizes and lets XLA fuse the dot."""
-    if kernels == "pallas":
-        from er_jax.kernels.quant_matmul import quant_matmul as pallas_quant_matmul
-        return pallas_quant_matmul(x, qa)
-    w = dequantize(qa, x.dtype)
-    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("scheme", "group_size"))
 def _quantize_projections(layers, scheme: str, group_size: int):
     if scheme == "int8":
@@ -108,8 +99,7 @@ def _quantize_projections(layers, scheme: str, group_size: int):
 
 def derive_drafter(weights, scheme: str = "int4", group_size: int = 128):
     """The self-drafter: a pure function of the current weights (re-derive after every update)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"drafter scheme must be one of {SCHEMES}, got {scheme!r}")
+    check_choice("drafter scheme", scheme, SCHEMES)
     layers = weights["layers"]
     missing = [n for n in PROJECTIONS if n not in layers]
     if missing:

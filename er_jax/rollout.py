@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from er_jax import controller, sharding
-from er_jax.config import ModelConfig, RolloutConfig
+from er_jax.config import MODES, SCHEMES, ModelConfig, RolloutConfig, check_choice
 from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
-from er_jax.model import check_kernels, default_kernels, forward, unstack_layers, validate_weights
-from er_jax.quant import SCHEMES, derive_drafter, projection_bytes
+from er_jax.execution import resolve_execution
+from er_jax.model import forward, unstack_layers, validate_weights
+from er_jax.quant import derive_drafter, projection_bytes
 from er_jax.sampling import reported_log_probs, token_logprob
-
-MODES = ("ar", "sd", "toggle", "adaptive", "auto")
 
 
 class SpecRollout:
@@ -32,10 +31,8 @@ class SpecRollout:
                  max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
                  kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
                  seed: int = 0, mesh=None, layout: str | None = None, forced_acceptance: float | None = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if drafter not in SCHEMES:
-            raise ValueError(f"drafter must be one of {SCHEMES}, got {drafter!r}")
+        check_choice("mode", mode, MODES)
+        check_choice("drafter", drafter, SCHEMES)
         if not 1 <= draft_length <= MAX_DRAFT:
             raise ValueError(f"draft_length must be in [1, {MAX_DRAFT}], got {draft_length}")
         self.config = config
@@ -46,18 +43,15 @@ class SpecRollout:
             sharding.check_mesh(config, self.mesh, drafter if mode != "ar" else None)
         self.mode = mode
         self.drafter_scheme = drafter
-        self.kernels = check_kernels(kernels or default_kernels())
-        # Execution layout of the layer weights: "stacked" (scanned; fast compiles) or "unstacked" (a Python
-        # loop over per-layer arrays: on CPU, XLA copies each layer out of a stacked array, which doubles the
-        # bytes a memory-bound decode step moves). Default: unstacked on a single CPU device.
-        self.layout = layout or ("unstacked" if jax.default_backend() == "cpu" and mesh is None else "stacked")
-        if self.layout not in ("stacked", "unstacked"):
-            raise ValueError(f"layout must be 'stacked' or 'unstacked', got {layout!r}")
+        # kernels: the op backend (config.BACKENDS); layout: "stacked" (scanned; fast compiles) or "unstacked"
+        # (per-layer arrays); None: the platform's defaults (er_jax.execution.resolve_execution).
+        self.ex = resolve_execution(kernels, self.mesh, layout)
+        self.kernels, self.layout = self.ex.backend, self.ex.layout
         self.costs = controller.ModelCosts.from_config(config, drafter)
         self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
                                              seed=seed)
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
-                             max_new_tokens=max_new_tokens, kernels=self.kernels, mesh=self.mesh,
+                             max_new_tokens=max_new_tokens, ex=self.ex,
                              kv_budget_bytes=kv_budget_bytes, forced_acceptance=forced_acceptance)
         self.weights = None
         self.drafter = None

@@ -33,11 +33,12 @@ from common import copy_bandwidth, machine, machine_tag, timeit, write_json  # n
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from er_jax.config import SHAPE_PRESETS, ModelConfig, SamplingConfig  # noqa: E402
+from er_jax.config import SHAPE_PRESETS, ModelConfig, SamplingConfig, platform  # noqa: E402
 from er_jax.kernels.attention import attention_reference, ragged_attention  # noqa: E402
 from er_jax.kernels.quant_matmul import quant_matmul, quant_matmul_reference  # noqa: E402
 from er_jax.kernels.rejection import rejection_sample, rejection_sample_reference  # noqa: E402
-from er_jax.quant import quant_matmul as xla_quant_matmul, quantize_int4, quantize_int8  # noqa: E402
+from er_jax.kernels.quant_matmul import dequant_matmul  # noqa: E402
+from er_jax.quant import quantize_int4, quantize_int8  # noqa: E402
 
 MODELS = ("qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
 TINY = ModelConfig(vocab_size=300, hidden_size=160, intermediate_size=96, num_layers=2, num_heads=4,
@@ -94,8 +95,8 @@ def bench_matmul(models, ms, interpret, reps, max_layers):
                 "pallas_int4": (_scan_inplace_fn(interpret), stacked["int4"]),
                 "pallas_int8": (_scan_inplace_fn(interpret), stacked["int8"]),
                 "pallas_sliced_int4": (_scan_fn(functools.partial(quant_matmul, interpret=interpret)), stacked["int4"]),
-                "xla_int4": (_scan_fn(functools.partial(xla_quant_matmul, kernels="xla")), stacked["int4"]),
-                "xla_int8": (_scan_fn(functools.partial(xla_quant_matmul, kernels="xla")), stacked["int8"]),
+                "xla_int4": (_scan_fn(dequant_matmul), stacked["int4"]),
+                "xla_int8": (_scan_fn(dequant_matmul), stacked["int8"]),
                 "dense_bf16": (_scan_fn(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)), dense),
             }
             for m in ms:
@@ -204,7 +205,7 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["matmul", "rejection", "attention"])
     args = ap.parse_args()
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = platform() == "cpu"
     tiny = args.tiny or (on_cpu and not args.full)
     interpret = on_cpu
     reps = args.reps or (2 if tiny else 10)

@@ -3,30 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 
+from er_jax.calibration import machine, machine_tag  # noqa: F401  (one definition, re-exported here)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def machine() -> dict:
-    dev = jax.devices()[0]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"platform": jax.default_backend(), "device": dev.device_kind, "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-            "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def machine_tag() -> str:
-    return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind.lower().replace(" ", "-")
 
 
 def write_json(name: str, payload: dict) -> str:

@@ -1,12 +1,18 @@
-"""Pallas kernels of er_jax, imported as `er_jax.kernels` (the folder `kernels/` is mapped onto that
-package name in pyproject.toml).
+"""The ops of er_jax and their backends, imported as `er_jax.kernels` (the folder `kernels/` is mapped onto
+that package name in pyproject.toml). Nothing here imports the model: kernels see only config, sampling
+and the QuantArray format.
 
-- `er_jax.kernels.quant_matmul.quant_matmul`: W4A16 / W8A16 matmul, weights dequantized in registers.
-- `er_jax.kernels.attention.ragged_attention`: flash-decoding over a contiguous, ragged KV cache.
-- `er_jax.kernels.rejection.rejection_sample`: vocab-tiled fused speculative verification.
+Ops (one module each, holding the plain-jnp `*_reference` beside its Pallas kernel):
+- `quant_matmul`: W4A16 / W8A16 matmul, weights dequantized in registers (and the dense `matmul_reference`).
+- `attention.ragged_attention`: flash-decoding over a contiguous, ragged KV cache.
+- `rejection.rejection_sample`: vocab-tiled fused speculative verification.
 
-Each module also holds a plain-jnp `*_reference`. Lowering: `pl.pallas_call` with its default GPU
-lowering (Triton in jax 0.10 / 0.11); on CPU the kernels run in interpret mode. Kernel bodies use only
+Backends (one module each, an `IMPLS` dict of uniform-signature ops; `registry` maps (op, backend) to an
+implementation, falling back to the XLA backend, i.e. the references): `xla`, `pallas` (and `sharded`,
+the Pallas kernels per shard of a mesh), `native` (the C++ / XLA FFI CPU kernels).
+
+Pallas lowering: `pl.pallas_call` with its default GPU lowering (Triton in jax 0.10 / 0.11); on CPU the
+kernels run in interpret mode. Kernel bodies use only
 ref indexing (`ref[...]`, `pl.ds`), `pl.program_id`, `lax.fori_loop` and jnp ops, no Triton-only
 primitives (no masked loads, atomics or inline asm), so every load must stay inside its array: block
 sizes are powers of two that divide the array dimension, or the last tile is re-read at a clamped
@@ -19,13 +25,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from er_jax.config import platform
+
 # Triton's tl.dot needs every operand dimension >= 16; loads need power-of-two sizes.
 MIN_DOT = 16
 
 
 def default_interpret() -> bool:
     """Interpret mode on CPU (Pallas has no CPU lowering); compiled everywhere else."""
-    return jax.default_backend() == "cpu"
+    return platform() == "cpu"
 
 
 def resolve_interpret(interpret) -> bool:

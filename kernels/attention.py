@@ -1,6 +1,6 @@
 """Ragged flash-decoding attention over the contiguous KV cache of one layer.
 
-Semantics are exactly `er_jax.model.attention_reference` (re-exported here as `attention_reference`):
+Semantics are exactly `attention_reference` below (the plain-jnp definition, also the XLA backend):
 q [B, T, H, hd], k / v [B, S, KV, hd], q_pos int [B, T]; key j is visible to query (b, t) iff
 j <= q_pos[b, t]; GQA with H = KV * G. Used for T = 1 (decode, draft) and T = γ + 1 (verify).
 
@@ -30,12 +30,28 @@ from jax.experimental import pallas as pl
 
 from er_jax.kernels import (MIN_DOT, check_positive_pow2, clamped_tile, next_pow2, prev_pow2,
                             resolve_interpret)
-from er_jax.model import attention_reference  # noqa: F401  (the reference lives with the model)
 
 DEFAULT_BLOCK_S = 128
 TARGET_PROGRAMS = 256  # splits * B * KV programs to aim for
 MAX_SPLITS = 32
 _NEG = -1e30  # running-max start: finite, so rows with nothing visible yet never produce inf - inf
+
+
+def attention_reference(q, k, v, q_pos):
+    """Causal GQA attention of queries at absolute positions `q_pos` over keys at positions 0..S-1.
+
+    q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T]. Key j is visible to query (b, t) iff
+    j <= q_pos[b, t]; keys past a row's length are masked by that rule. Returns [B, T, H, hd].
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+    visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, hd).astype(q.dtype)
 
 
 def _attention_kernel(layer_ref, q_ref, pos_ref, k_ref, v_ref, *out_refs, block_s, seq_len, splits, sqrt_hd,
@@ -143,7 +159,7 @@ def ragged_attention(q, k, v, q_pos, *, layer=None, block_s=None, num_splits=Non
     """Causal GQA attention of queries at absolute positions `q_pos` over one layer's contiguous cache.
 
     q [B, T, H, hd]; k, v [B, S, KV, hd]; q_pos int [B, T] (>= 0). Returns [B, T, H, hd] in q.dtype,
-    equal to `er_jax.model.attention_reference(q, k, v, q_pos)`. With `layer` (an int, traced or not),
+    equal to `attention_reference(q, k, v, q_pos)`. With `layer` (an int, traced or not),
     k and v are the whole stacked cache [L, B, S, KV, hd] and layer `layer` is read in place (inside a
     scan over layers this avoids the copy XLA makes of `k_all[i]` to feed a custom call).
     block_s: power-of-two key tile (default 128; less when more than 32 query rows T * H / KV share a

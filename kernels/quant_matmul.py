@@ -39,6 +39,17 @@ def quant_matmul_reference(x, qa: QuantArray):
     return y.astype(x.dtype)
 
 
+def dequant_matmul(x, qa: QuantArray):
+    """What XLA runs: dequantize to x.dtype and let XLA fuse the dot (f32 accumulation), cast to x.dtype."""
+    w = dequantize(qa, x.dtype)
+    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def matmul_reference(x, w):
+    """Dense x [..., K] @ w [K, N] with f32 accumulation, cast to x.dtype."""
+    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _precision(dtype):
     # f32 operands: IEEE f32 products (Triton would otherwise use TF32); bf16 / f16: native.
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT

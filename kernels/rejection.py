@@ -1,7 +1,7 @@
 """Fused speculative verification (rejection sampling) with vocab-tiled online softmax statistics.
 
-Same interface, randomness and output semantics as `er_jax.speculative.rejection_sample_reference`
-(re-exported here): target logits [B, γ+1, V], drafter logits [B, γ, V], draft tokens [B, γ], a static
+Same interface, randomness and output semantics as `rejection_sample_reference` (below, the plain-jnp
+definition and the XLA backend): target logits [B, γ+1, V], drafter logits [B, γ, V], draft tokens [B, γ], a static
 SamplingConfig and one typed PRNG key per row -> (n_accepted [B], tokens [B, γ+1], target log-probs
 [B, γ+1]). Given the same keys it draws the same uniforms and Gumbel noise as the reference, so the
 two agree token for token up to float rounding at decision boundaries.
@@ -36,13 +36,48 @@ from jax.experimental import pallas as pl
 
 from er_jax.config import SamplingConfig
 from er_jax.kernels import check_positive_pow2, clamped_tile, prev_pow2, resolve_interpret
-from er_jax.sampling import filter_logits
-from er_jax.speculative import rejection_sample_reference  # noqa: F401  (the reference lives there)
+from er_jax.sampling import filter_logits, log_probs, reported_log_probs, sample, token_logprob
 
 DEFAULT_BLOCK_V = 2048
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 64
 _NEG = -1e30  # running-max start (finite: an all-masked tile never gives inf - inf)
+
+
+def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: SamplingConfig, keys):
+    """Standard speculative sampling, per row.
+
+    target_logits [B, γ+1, V], draft_logits [B, γ, V], draft_tokens int [B, γ], keys [B] typed PRNG keys.
+    Accept draft i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection n sample from
+    normalize(max(0, p_n - q_n)); when all γ are accepted sample the bonus token from p_γ.
+    Returns (n_accepted int [B], tokens int [B, γ+1], logprobs f32 [B, γ+1]): tokens[:, :n] are the
+    accepted drafts, tokens[:, n] the corrected / bonus token; entries past n repeat tokens[:, n].
+    logprobs are the target's reported log-probs of those tokens.
+    """
+    b, g1, v = target_logits.shape
+    gamma = g1 - 1
+    logp = log_probs(target_logits, sc)  # [B, γ+1, V]
+    logq = log_probs(draft_logits, sc)  # [B, γ, V]
+    k_u, k_x = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k))(keys), 1, 0)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (gamma,)))(k_u)  # [B, γ]
+    p_x = jnp.exp(token_logprob(logp[:, :gamma], draft_tokens))
+    q_x = jnp.exp(token_logprob(logq, draft_tokens))
+    accept = u * q_x < p_x  # u < p/q without dividing; q_x > 0 for a token drafted from q
+    n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1).astype(jnp.int32)  # leading accepts
+
+    p_n = jnp.exp(jnp.take_along_axis(logp, n[:, None, None], axis=1)[:, 0])  # [B, V]
+    q_pad = jnp.concatenate([jnp.exp(logq), jnp.zeros((b, 1, v), logq.dtype)], axis=1)  # q_γ := 0
+    q_n = jnp.take_along_axis(q_pad, n[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    # p == q up to rounding makes the residual vanish; a rejection then had ~zero probability and p is exact.
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
+    extra = sample(k_x, jnp.log(residual), sc.greedy)
+
+    pos = jnp.arange(g1)[None, :]
+    drafted = jnp.concatenate([draft_tokens, draft_tokens[:, -1:]], axis=1)
+    tokens = jnp.where(pos < n[:, None], drafted, extra[:, None]).astype(jnp.int32)
+    logprobs = token_logprob(reported_log_probs(target_logits, sc), tokens)
+    return n, tokens, logprobs
 
 
 def _scaled(z, temperature):
@@ -265,7 +300,7 @@ def _rejection_sample(target_logits, draft_logits, draft_tokens, keys, *, sc, bl
 
 def rejection_sample(target_logits, draft_logits, draft_tokens, sc: SamplingConfig, keys, *, block_v=None,
                      num_splits=None, interpret=None):
-    """Exact speculative verification; drop-in for `er_jax.speculative.rejection_sample_reference`.
+    """Exact speculative verification; drop-in for `rejection_sample_reference`.
 
     target_logits [B, γ+1, V], draft_logits [B, γ, V] (any float dtype), draft_tokens int [B, γ],
     sc a SamplingConfig (static), keys [B] typed PRNG keys. Returns (n_accepted int32 [B],

@@ -18,6 +18,9 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from er_jax.kernels.attention import ragged_attention as attention_kernel
+from er_jax.kernels.quant_matmul import quant_matmul as quant_kernel
+from er_jax.kernels.rejection import rejection_sample as rejection_kernel
 from er_jax.quant import QuantArray
 
 COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")
@@ -31,8 +34,6 @@ def _rows(ndim: int, last=None) -> P:
 
 def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh):
     """x [B, ..., K] @ projection `name` (a [K, N] QuantArray placed by er_jax.sharding) on `mesh`."""
-    from er_jax.kernels.quant_matmul import quant_matmul as kernel
-
     if name in COLUMN:
         split, x_spec, out_spec, k_local = P(None, "model"), _rows(x.ndim), _rows(x.ndim, "model"), qa.in_features
     elif name in ROW:
@@ -47,8 +48,8 @@ def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh):
     def shard(xs, data, scale, zero=None):
         w = QuantArray(data, scale, zero, qa.scheme, k_local, qa.group_size)
         if name in COLUMN:
-            return kernel(xs, w)
-        return jax.lax.psum(kernel(xs, w, out_dtype="float32"), "model").astype(xs.dtype)
+            return quant_kernel(xs, w)
+        return jax.lax.psum(quant_kernel(xs, w, out_dtype="float32"), "model").astype(xs.dtype)
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(x_spec, *specs), out_specs=out_spec,
                          check_vma=False)(x, *fields)
@@ -57,27 +58,23 @@ def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh):
 def ragged_attention(q, k, v, q_pos, layer, mesh: Mesh):
     """`er_jax.kernels.attention.ragged_attention` per shard: q [B, T, H, hd], k / v one layer [B, S, KV, hd]
     or the stacked cache [L, B, S, KV, hd] with `layer`."""
-    from er_jax.kernels.attention import ragged_attention as kernel
-
     heads = P("data", None, "model", None)
     cache = heads if layer is None else P(None, "data", None, "model", None)
     if layer is None:
         def shard(qs, ks, vs, ps):
-            return kernel(qs, ks, vs, ps)
+            return attention_kernel(qs, ks, vs, ps)
         args, specs = (q, k, v, q_pos), (heads, cache, cache, P("data", None))
     else:
         def shard(qs, ks, vs, ps, layer):
-            return kernel(qs, ks, vs, ps, layer=layer)
+            return attention_kernel(qs, ks, vs, ps, layer=layer)
         args, specs = (q, k, v, q_pos, layer), (heads, cache, cache, P("data", None), P())
     return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
 
 
 def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, mesh: Mesh):
     """`er_jax.kernels.rejection.rejection_sample` per "data" shard (whole vocabulary per row)."""
-    from er_jax.kernels.rejection import rejection_sample as kernel
-
     def shard(t, d, x, k):
-        return kernel(t, d, x, sc, k)
+        return rejection_kernel(t, d, x, sc, k)
 
     rows3, rows2 = P("data", None, None), P("data", None)
     return jax.shard_map(shard, mesh=mesh, in_specs=(rows3, rows3, rows2, P("data")),

@@ -53,7 +53,7 @@ def check_pallas_kernels_per_shard():
         out = r.generate(prompts, rc)
         np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"{mc} pallas {drafter}")
         st = r.engine._initial_state(4, 4, 0, np.full(4, 8, np.int32), np.zeros(4, np.int32))
-        spec = StepSpec(CFG, rc.sampling, CFG.eos_ids, "pallas", r.mesh)
+        spec = StepSpec(CFG, rc.sampling, CFG.eos_ids, r.ex)
         jaxpr = str(jax.make_jaxpr(functools.partial(sd_step, spec, 3))(r.weights, r.drafter, st))
         assert "shard_map" in jaxpr and "pallas_call" in jaxpr
         print("pallas per shard", mc, drafter, "ok", flush=True)

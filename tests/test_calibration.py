@@ -8,6 +8,7 @@ import pytest
 
 import er_jax
 from er_jax import calibration, controller
+from er_jax.config import MODES
 from er_jax.cli import main
 from er_jax.rollout import SpecRollout
 from tests.helpers import tiny_model
@@ -117,7 +118,7 @@ def test_bench_rollout_end_to_end(tmp_path):
                "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert set(res["modes"]) == set(controller.MODES)
+    assert set(res["modes"]) == set(MODES)
     lengths = res["workload"]["row_lengths"]
     for mode, r in res["modes"].items():
         assert len(r["walls"]) == 2 and r["wall_s"] > 0 and 0 <= r["sd_on_fraction"] <= 1
@@ -144,7 +145,7 @@ def test_per_row_max_new_tokens_are_validated():
             r.generate([[1, 2], [4, 5]], **kw)
 
 
-@pytest.mark.parametrize("mode", controller.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_no_recompile_after_warmup(mode):
     """Each mode's own SpecRollout: after warmup(), generate calls with other prompts, seeds and per-row
     lengths compile nothing. (One batch bucket keeps this fast; test_bench_rollout_end_to_end covers

@@ -15,6 +15,7 @@ import pytest
 
 from er_jax.cache import KVCache, init_cache
 from er_jax.config import ModelConfig, SamplingConfig
+from er_jax.execution import Execution
 from er_jax.kernels.attention import attention_reference, ragged_attention
 from er_jax.kernels.quant_matmul import quant_matmul, quant_matmul_reference
 from er_jax.kernels.rejection import rejection_sample, rejection_sample_reference
@@ -299,7 +300,7 @@ def test_rejection_kernel_processing_applies_to_p_and_q(sc):
 
 # ----------------------------------------------------------------------------- end to end
 
-_forward = jax.jit(forward, static_argnames=("config", "kernels"))
+_forward = jax.jit(forward, static_argnames=("config", "ex"))
 E2E_CONFIG = ModelConfig(vocab_size=64, hidden_size=160, intermediate_size=96, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16, name="tiny-kernels")
 
@@ -312,13 +313,13 @@ def test_forward_pallas_equals_xla(drafter):
     cfg = E2E_CONFIG
     w = derive_drafter(init_weights(cfg, jax.random.key(0), scale=0.3), drafter)
     toks = jax.random.randint(jax.random.key(1), (2, 7), 0, cfg.vocab_size)
-    a, b = (_forward(cfg, w, toks, kernels=kn) for kn in ("pallas", "xla"))
+    a, b = (_forward(cfg, w, toks, ex=Execution(kn)) for kn in ("pallas", "xla"))
     assert_close(a, b, jnp.float32)
     assert np.array_equal(np.argmax(a, -1), np.argmax(b, -1))
 
     c = init_cache(cfg, 2, 24)
     c = KVCache(_normal(5, c.k.shape), _normal(6, c.v.shape), jnp.array([3, 19], jnp.int32))  # stale entries
-    (a, ca), (b, cb) = (_forward(cfg, w, toks[:, :4], c, kernels=kn) for kn in ("pallas", "xla"))
+    (a, ca), (b, cb) = (_forward(cfg, w, toks[:, :4], c, ex=Execution(kn)) for kn in ("pallas", "xla"))
     assert_close(a, b, jnp.float32)
     assert np.array_equal(np.argmax(a, -1), np.argmax(b, -1))
     assert_close(ca.k, cb.k, jnp.float32)

@@ -8,7 +8,7 @@ import pytest
 
 from er_jax.config import SamplingConfig
 from er_jax.sampling import filter_logits
-from er_jax.speculative import rejection_sample_reference
+from er_jax.kernels.rejection import rejection_sample_reference
 from tests.helpers import chi2_pvalue
 
 N = 30_000

@@ -1,0 +1,40 @@
+"""The per-op registry: (op, backend) -> implementation.
+
+Ops and their uniform signatures (`ex` is the step's `er_jax.execution.Execution`, passed down unchanged):
+- `matmul(x, w, *, ex, name)`: dense x [..., K] @ w [K, N], f32 accumulation, x.dtype out;
+- `quant_matmul(x, qa, *, ex, name)`: the same with a QuantArray weight (`name`: which projection);
+- `attention(q, k, v, q_pos, *, ex, layer=None)`: causal GQA over the cache (stacked with `layer`);
+- `rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)`: exact verification.
+
+A backend is a module with an `IMPLS` dict (any subset of the ops) and optionally `why_unavailable()`.
+An op a backend does not implement runs the XLA backend's (the plain-jnp reference). Adding a backend is
+one new module and one line in `_BACKENDS`.
+"""
+from __future__ import annotations
+
+from er_jax.config import BACKENDS, check_choice
+from er_jax.kernels import native, pallas, xla
+
+_BACKENDS = {"xla": xla, "pallas": pallas, "native": native}
+OPS = tuple(xla.IMPLS)
+
+
+def why_unavailable(backend: str) -> str | None:
+    """None when `backend` can run in this process, else one sentence saying why not."""
+    check_choice("backend (kernels)", backend, BACKENDS)
+    if backend not in _BACKENDS:
+        return f"the {backend!r} backend is not part of this build"
+    reason = getattr(_BACKENDS[backend], "why_unavailable", None)
+    return reason() if reason else None
+
+
+def lookup(op: str, backend: str):
+    """The implementation of `op` on `backend` (the XLA reference where the backend has none)."""
+    check_choice("op", op, OPS)
+    return _BACKENDS[backend].IMPLS.get(op, xla.IMPLS[op])
+
+
+def default_backend(platform: str) -> str:
+    """The fastest backend that compiles on `platform`: Pallas (Triton) on GPU, XLA on CPU and TPU (no
+    Pallas kernel of ours is TPU-legal yet)."""
+    return "pallas" if platform == "gpu" else "xla"

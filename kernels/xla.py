@@ -1,0 +1,29 @@
+"""The XLA backend: every op as plain jnp, which XLA compiles for any platform. It is also the fallback of
+every other backend (`registry.lookup`). Uniform op signatures: see `registry`."""
+from __future__ import annotations
+
+from er_jax.kernels.attention import attention_reference
+from er_jax.kernels.quant_matmul import dequant_matmul, matmul_reference
+from er_jax.kernels.rejection import rejection_sample_reference
+
+
+def matmul(x, w, *, ex, name=None):
+    return matmul_reference(x, w)
+
+
+def quant_matmul(x, qa, *, ex, name=None):
+    return dequant_matmul(x, qa)
+
+
+def attention(q, k, v, q_pos, *, ex, layer=None):
+    if layer is not None:  # the stacked cache: XLA slices the layer out
+        k, v = k[layer], v[layer]
+    return attention_reference(q, k, v, q_pos)
+
+
+def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex):
+    return rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc, keys)
+
+
+IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention,
+         "rejection_sample": rejection_sample}
