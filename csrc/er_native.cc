@@ -80,7 +80,7 @@ bool self_check(const Kernels* kern) {
   const Kernels* ref = er_native_kernels_portable();
   if (kern == ref) return true;
   const int64_t K = 200, G = 128, N = 2 * kern->col_align + kern->col_align / 8 + 3, Kp = 256;
-  std::vector<float> x(7 * Kp, 0.f), wf(K * N), scale(N * (Kp / G)), y0(7 * N), y1(7 * N), s0, s1;
+  std::vector<float> x(7 * Kp, 0.f), wf(K * N), scale(N * (Kp / G)), s0, s1;
   std::vector<uint16_t> wb(K * N);
   std::vector<int8_t> wi(K * N);
   std::vector<uint8_t> wq(Kp / 2 * N), zq(Kp / G * N);
@@ -115,16 +115,20 @@ bool self_check(const Kernels* kern) {
       p.scale = scale.data();
       p.zero = zq.data();
       p.group = G;
-      p.y_bf16 = false;
       s0.assign(m * N, 0.f);
       s1.assign(m * N, 0.f);
-      p.y = y0.data();
-      ref->run_columns(p, 0, N, s0.data());
-      p.y = y1.data();
-      // two column chunks, the second starting at an aligned column, as the threads split them
-      kern->run_columns(p, 0, kern->col_align, s1.data());
-      kern->run_columns(p, kern->col_align, N, s1.data());
-      if (std::memcmp(y0.data(), y1.data(), sizeof(float) * m * N) != 0) return false;
+      ref->run_block(p, 0, K, 0, N, s0.data(), false);
+      // as the dispatcher splits work: two column blocks (the second at an aligned column), each as two
+      // row blocks (the second accumulated onto the first)
+      const int64_t ca = kern->col_align;
+      std::vector<float> a(m * ca), b(m * (N - ca));
+      kern->run_block(p, 0, G, 0, ca, a.data(), false);
+      kern->run_block(p, G, K, 0, ca, a.data(), true);
+      kern->run_block(p, 0, G, ca, N, b.data(), false);
+      kern->run_block(p, G, K, ca, N, b.data(), true);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < N; ++j) s1[i * N + j] = j < ca ? a[i * ca + j] : b[i * (N - ca) + j - ca];
+      if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * N) != 0) return false;
     }
   }
   return true;
@@ -179,15 +183,25 @@ const Dispatch& dispatch() {
 struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+  std::atomic<int> slots{0};
   int64_t n = 0;
-  std::function<void(int64_t)> fn;  // touched only while a chunk is claimed, i.e. before done == n
+  int max_slots = 1;
+  std::function<void(int64_t, int)> fn;  // (chunk, slot); touched only while a chunk is claimed
 };
 
-void drain(Job* job) {
+// Runs chunks until none is left. Each participant gets a distinct slot < max_slots (the caller 0), so
+// it can own a private accumulator.
+void drain(Job* job, bool caller) {
+  int slot = -1;
   for (;;) {
+    if (job->next.load(std::memory_order_relaxed) >= job->n) return;
+    if (slot < 0) {
+      slot = caller ? 0 : job->slots.fetch_add(1, std::memory_order_relaxed) + 1;
+      if (slot >= job->max_slots) return;
+    }
     const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
     if (c >= job->n) return;
-    job->fn(c);
+    job->fn(c, slot);
     job->done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -296,20 +310,22 @@ Pool& own_pool() {
   return *pool;
 }
 
-void parallel_chunks(ffi::ThreadPool* xla_pool, int64_t threads, int64_t n, std::function<void(int64_t)> fn) {
+// Runs fn(chunk, slot) for chunk in [0, n) on up to `threads` threads (slot < threads).
+void parallel_chunks(ffi::ThreadPool* xla_pool, int64_t threads, int64_t n, std::function<void(int64_t, int)> fn) {
   if (threads <= 1 || n <= 1) {
-    for (int64_t c = 0; c < n; ++c) fn(c);
+    for (int64_t c = 0; c < n; ++c) fn(c, 0);
     return;
   }
   auto job = std::make_shared<Job>();
   job->n = n;
   job->fn = std::move(fn);
   const int64_t helpers = std::min(threads, n) - 1;
+  job->max_slots = static_cast<int>(helpers + 1);
   for (int64_t h = 0; h < helpers; ++h) {
-    if (xla_pool) xla_pool->Schedule([job] { drain(job.get()); });
-    else own_pool().schedule([job] { drain(job.get()); });
+    if (xla_pool) xla_pool->Schedule([job] { drain(job.get(), false); });
+    else own_pool().schedule([job] { drain(job.get(), false); });
   }
-  drain(job.get());
+  drain(job.get(), true);
   for (int spins = 0; job->done.load(std::memory_order_acquire) < n; ++spins) {
     if (spins < 20000) cpu_relax();
     else std::this_thread::yield();
@@ -325,9 +341,82 @@ float* scratch(size_t floats) {
 // ---------------------------------------------------------------------------------------------------
 // One matmul of already validated operands.
 
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct Output {
+  void* y;              // [M, N] f32 or bf16
+  bool bf16;
+  const float* scale;   // int8's per-column scale, else nullptr
+};
+
+// y[:, c0:c0+cw] = (sum of the partial blocks [M, cw]) * scale, in y's dtype.
+void finalize(const float* const* parts, int64_t nparts, int64_t m, int64_t n, int64_t c0, int64_t cw,
+              const Output& out) {
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < cw; ++i) {
+      float v = parts[0][r * cw + i];
+      for (int64_t s = 1; s < nparts; ++s) v += parts[s][r * cw + i];
+      if (out.scale) v *= out.scale[c0 + i];
+      if (out.bf16) static_cast<uint16_t*>(out.y)[r * n + c0 + i] = f32_to_bf16(v);
+      else static_cast<float*>(out.y)[r * n + c0 + i] = v;
+    }
+  }
+}
+
+constexpr int64_t kAccFloats = 32768;  // a block accumulator [M, cw] of at most 128 KiB (L2)
+constexpr int64_t kMaxKSplitM = 16;    // M up to which threads may split K (adding up their partial sums)
+
+// How one matmul is cut into items = (row range, column block).
+struct Plan {
+  int64_t threads, nc, cw, ks, kr;
+};
+
+// Small M (memory-bound): column blocks as wide as the accumulator allows, rows split into ~4 ranges
+// per thread claimed dynamically; every thread reads long contiguous row segments, adds into its own
+// accumulator, and the caller adds the (<= threads) accumulators. Large M (compute-bound): column
+// blocks only, ~4 per thread, each with all of K.
+Plan plan(const Kernels* kern, const Problem& p, int64_t threads, size_t weight_bytes) {
+  Plan pl{};
+  const int64_t align = kern->col_align;
+  const int64_t kalign = p.fmt == kInt4 ? p.group : kern->k_align;
+  pl.threads = static_cast<int64_t>(weight_bytes) < threading().min_bytes ? 1 : threads;
+  const int64_t T = pl.threads;
+  const int64_t cw_max = std::max<int64_t>(align, kAccFloats / p.m / align * align);
+  const int64_t max_blocks = (p.n + align - 1) / align;
+  int64_t nc = (p.n + cw_max - 1) / cw_max;
+  const bool ksplit = T > 1 && p.m <= kMaxKSplitM;
+  if (T > 1 && !ksplit) nc = std::max(nc, 4 * T);
+  nc = std::max<int64_t>(1, std::min(nc, max_blocks));
+  pl.cw = (p.n + nc - 1) / nc;
+  pl.cw = (pl.cw + align - 1) / align * align;
+  pl.nc = (p.n + pl.cw - 1) / pl.cw;
+  pl.ks = 1;
+  pl.kr = p.k;
+  if (ksplit) {
+    const int64_t ks = std::max<int64_t>(1, (4 * T + pl.nc - 1) / pl.nc);
+    pl.kr = ((p.k + ks - 1) / ks + kalign - 1) / kalign * kalign;
+    pl.ks = (p.k + pl.kr - 1) / pl.kr;
+  }
+  if (pl.nc * pl.ks <= 1) pl.threads = 1;
+  return pl;
+}
+
 void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads, Problem p, const void* x,
-                bool x_bf16, size_t weight_bytes) {
+                bool x_bf16, const Output& out, size_t weight_bytes) {
   if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {  // an empty sum
+    for (int64_t i = 0; i < p.m * p.n; ++i) {
+      if (out.bf16) static_cast<uint16_t*>(out.y)[i] = 0;
+      else static_cast<float*>(out.y)[i] = 0.f;
+    }
+    return;
+  }
   // x as f32, row stride xs; zero padding up to an even K for int4 (the high nibble of the last byte).
   const bool pad = p.fmt == kInt4 && (p.k & 1);
   std::vector<float> xbuf;
@@ -351,24 +440,38 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     }
     p.x = xbuf.data();
   }
-  if (p.k == 0) {  // an empty sum
-    for (int64_t i = 0; i < p.m * p.n; ++i) {
-      if (p.y_bf16) static_cast<uint16_t*>(p.y)[i] = 0;
-      else static_cast<float*>(p.y)[i] = 0.f;
-    }
+  const Plan pl = plan(kern, p, threads, weight_bytes);
+  const int64_t nc = pl.nc, cw = pl.cw, kr = pl.kr, ks = pl.ks;
+  if (ks == 1) {
+    parallel_chunks(xla_pool, pl.threads, nc, [&](int64_t c, int) {
+      const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
+      float* acc = scratch(static_cast<size_t>(p.m * (c1 - c0)));
+      kern->run_block(p, 0, p.k, c0, c1, acc, false);
+      const float* parts[1] = {acc};
+      finalize(parts, 1, p.m, p.n, c0, c1 - c0, out);
+    });
     return;
   }
-  const int64_t align = kern->col_align;
-  int64_t t = (static_cast<int64_t>(weight_bytes) < threading().min_bytes) ? 1 : threads;
-  // ~4 chunks per thread (load balance on a shared machine), at least `align` columns each.
-  int64_t cw = t <= 1 ? p.n : (p.n + 4 * t - 1) / (4 * t);
-  cw = std::max<int64_t>(align, (cw + align - 1) / align * align);
-  const int64_t chunks = (p.n + cw - 1) / cw;
-  if (chunks <= 1) t = 1;
-  parallel_chunks(xla_pool, t, chunks, [&p, kern, cw](int64_t c) {
+  // Items (row range i / nc, column block i % nc); slot t accumulates into acc[t] [nc][M, cw].
+  const int64_t slot_floats = nc * p.m * cw;
+  std::vector<float> acc(static_cast<size_t>(pl.threads * slot_floats));
+  std::vector<std::vector<char>> touched(pl.threads, std::vector<char>(nc, 0));
+  parallel_chunks(xla_pool, pl.threads, nc * ks, [&](int64_t i, int slot) {
+    const int64_t s = i / nc, c = i % nc;
     const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
-    kern->run_columns(p, c0, c1, scratch(static_cast<size_t>(p.m * (c1 - c0))));
+    char& seen = touched[slot][c];
+    kern->run_block(p, s * kr, std::min(p.k, s * kr + kr), c0, c1, acc.data() + slot * slot_floats + c * p.m * cw,
+                    seen != 0);
+    seen = 1;
   });
+  std::vector<const float*> parts;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
+    parts.clear();
+    for (int64_t t = 0; t < pl.threads; ++t)
+      if (touched[t][c]) parts.push_back(acc.data() + t * slot_floats + c * p.m * cw);
+    finalize(parts.data(), static_cast<int64_t>(parts.size()), p.m, p.n, c0, c1 - c0, out);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -472,7 +575,6 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   p.k = K;
   p.n = N;
   p.group = f == kInt4 ? group : 128;
-  p.y_bf16 = x_bf16;
   const int64_t y_stride = M * N * (x_bf16 ? 2 : 4);
   bool x_full = true;  // x carries every leading dimension of the output
   for (size_t i = 0; i < lead; ++i) x_full = x_full && (yd[i] == 1 || strides[0][i] != 0);
@@ -481,8 +583,8 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     p.w = w.untyped_data();
     p.scale = scale ? static_cast<const float*>(scale->untyped_data()) : nullptr;
     p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) : nullptr;
-    p.y = y->untyped_data();
-    run_matmul(kern, xla_pool, threads, p, x.untyped_data(), x_bf16, wbytes);
+    const Output out{y->untyped_data(), x_bf16, f == kInt8 ? p.scale : nullptr};
+    run_matmul(kern, xla_pool, threads, p, x.untyped_data(), x_bf16, out, wbytes);
     return ffi::Error::Success();
   }
   std::vector<int64_t> idx(lead, 0);
@@ -494,8 +596,8 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     p.w = static_cast<const char*>(w.untyped_data()) + off[1];
     p.scale = scale ? reinterpret_cast<const float*>(static_cast<const char*>(scale->untyped_data()) + off[2]) : nullptr;
     p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) + off[3] : nullptr;
-    p.y = static_cast<char*>(y->untyped_data()) + b * y_stride;
-    run_matmul(kern, xla_pool, threads, p, static_cast<const char*>(x.untyped_data()) + off[0], x_bf16, wbytes);
+    const Output out{static_cast<char*>(y->untyped_data()) + b * y_stride, x_bf16, f == kInt8 ? p.scale : nullptr};
+    run_matmul(kern, xla_pool, threads, p, static_cast<const char*>(x.untyped_data()) + off[0], x_bf16, out, wbytes);
     for (size_t i = lead; i-- > 0;) {  // row-major increment of the output's leading index
       if (++idx[i] < yd[i]) break;
       idx[i] = 0;

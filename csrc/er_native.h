@@ -20,19 +20,21 @@ struct Problem {
   const void* w;        // f32 | bf16 (uint16) | int8 [K, N]; int4: uint8 [Kp/2, N]
   const float* scale;   // int8: [1, N]; int4: [Kp/G, N]
   const uint8_t* zero;  // int4: [Kp/G, N]
-  int64_t group;        // int4 group size G (even); the K block of every format
-  void* y;              // [M, N], f32 or bf16 (uint16)
-  bool y_bf16;
+  int64_t group;        // int4 group size G (even)
 };
 
-// Computes output columns [c0, c1) of `p` (all M rows); `scratch` holds M * (c1 - c0) floats.
-typedef void (*RunColumnsFn)(const Problem& p, int64_t c0, int64_t c1, float* scratch);
+// The f32 partial sums of rows [k0, k1) of W for output columns [c0, c1) and all M rows, written to
+// (or, with accumulate, added to) acc [M, c1 - c0]; int8's per-column scale is not applied.
+// int4: k0 is a multiple of the group size.
+typedef void (*RunBlockFn)(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
+                           bool accumulate);
 
 struct Kernels {
   const char* name;
   int32_t isa;
-  int64_t col_align;  // column chunks handed to run_columns start at multiples of this
-  RunColumnsFn run_columns;
+  int64_t col_align;  // column blocks start at multiples of this (the widest register tile)
+  int64_t k_align;    // row blocks (other than int4's whole groups) start at multiples of this
+  RunBlockFn run_block;
 };
 
 }  // namespace er_native

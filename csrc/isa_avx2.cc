@@ -29,10 +29,13 @@ struct V {
   static I load_u8_i32(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
-  static void load_u4(const uint8_t* p, I z, F& lo, F& hi) {
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F cvt_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(load_u8_i32(p)); }
+  static void load_u4(const uint8_t* p, F& lo, F& hi) {
     const I v = load_u8_i32(p);
-    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), z));
-    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), z));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
   }
 };
 
@@ -40,9 +43,12 @@ struct V {
 // M >= 3: 6 x 2 (12 accumulators, the classic f32 micro-tile).
 constexpr int kMR1 = 1, kNV1 = 8, kMR2 = 2, kNV2 = 4, kMRB = 6, kNVB = 2;
 
+// Rows of W swept together (kKR contiguous row streams per thread).
+constexpr int kKR = 8;
+
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, run_columns};
+const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block};
 
 }  // namespace
 }  // namespace er_native

@@ -30,19 +30,25 @@ struct V {
   static I load_u8_i32(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static void load_u4(const uint8_t* p, I z, F& lo, F& hi) {
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F cvt_u8(const uint8_t* p) { return _mm512_cvtepi32_ps(load_u8_i32(p)); }
+  static void load_u4(const uint8_t* p, F& lo, F& hi) {
     const I v = load_u8_i32(p);
-    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), z));
-    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
   }
 };
 
 // 32 zmm registers: M == 1: 1 x 8 vectors (128 columns); M == 2: 2 x 8; M >= 3: 6 x 4 (24 accumulators).
 constexpr int kMR1 = 1, kNV1 = 8, kMR2 = 2, kNV2 = 8, kMRB = 6, kNVB = 4;
 
+// Rows of W swept together (kKR contiguous row streams per thread).
+constexpr int kKR = 8;
+
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, run_columns};
+const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kKR, run_block};
 
 }  // namespace
 }  // namespace er_native

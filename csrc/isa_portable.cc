@@ -28,19 +28,25 @@ struct V {
   }
   static F load_i8(const int8_t* p) { F r; for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
   static I load_u8_i32(const uint8_t* p) { I r; for (int i = 0; i < W; ++i) r.v[i] = p[i]; return r; }
-  static void load_u4(const uint8_t* p, I z, F& lo, F& hi) {
+  static F fnmadd(F a, F b, F c) { for (int i = 0; i < W; ++i) c.v[i] -= a.v[i] * b.v[i]; return c; }
+  static F mul(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] *= b.v[i]; return a; }
+  static F cvt_u8(const uint8_t* p) { F r; for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
+  static void load_u4(const uint8_t* p, F& lo, F& hi) {
     for (int i = 0; i < W; ++i) {
-      lo.v[i] = static_cast<float>((p[i] & 15) - z.v[i]);
-      hi.v[i] = static_cast<float>((p[i] >> 4) - z.v[i]);
+      lo.v[i] = static_cast<float>(p[i] & 15);
+      hi.v[i] = static_cast<float>(p[i] >> 4);
     }
   }
 };
 
 constexpr int kMR1 = 1, kNV1 = 4, kMR2 = 2, kNV2 = 2, kMRB = 4, kNVB = 2;
 
+// Rows of W swept together (kKR contiguous row streams per thread).
+constexpr int kKR = 8;
+
 #include "kernel_impl.h"
 
-const Kernels kTable = {"portable", kPortable, kNV1 * V::W, run_columns};
+const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block};
 
 }  // namespace
 }  // namespace er_native

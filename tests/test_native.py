@@ -1,0 +1,249 @@
+"""The native CPU matmuls (er_jax.kernels.native, csrc/) against their plain references.
+
+Every kernel runs on every ISA path this CPU supports (selected per call with `isa=`; the environment
+variable ER_JAX_NATIVE_ISA is checked in a subprocess). Tolerances are the worst-case bound of f32
+summation in any order: |y_a - y_b| <= 2 * gamma_n * sum_k |x_k| |w_k|, gamma_n = n u / (1 - n u),
+u = 2^-24, with n the number of rounded operations along one output (K plus a few for the int4 group
+sums and scales). bf16 outputs add one bf16 ulp (2^-7 relative) for a rounding that flips.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from er_jax.kernels import native
+from er_jax.kernels.quant_matmul import quant_matmul_reference
+from er_jax.quant import QuantArray, quantize_int4, quantize_int8, unpack_int4
+
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
+
+MS = (1, 2, 3, 7, 16, 64, 256)
+# (K, N): K odd and not a multiple of 128 (int4 padding rows, an odd last byte), N odd (full register
+# tiles, single vectors and a scalar tail). The second shape is large enough (>= 96 KiB of int4 weights)
+# that the threaded paths (K split across threads at M <= 16, column blocks above) run.
+SHAPES = ((301, 141), (1001, 389))
+U = 2.0 ** -24
+
+
+def _gamma(n):
+    return n * U / (1 - n * U)
+
+
+def test_extension_was_built_in_ci():
+    """In CI (CI=true) a missing or broken build must fail, not skip."""
+    if not IN_CI:
+        pytest.skip("only checked with CI set")
+    assert native.available(), native.why_unavailable()
+
+
+def test_unavailable_reason_is_one_sentence():
+    if native.available():
+        assert native.why_unavailable() is None and native.isa() in native.ISAS
+    else:
+        reason = native.why_unavailable()
+        assert isinstance(reason, str) and reason and "\n" not in reason
+
+
+def _data(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return x, w
+
+
+def _abs_weights(qa_or_w):
+    """|w| as the kernel's error analysis sees it: int4 (|q| + z) * s (the zero point is folded out)."""
+    if not isinstance(qa_or_w, QuantArray):
+        return np.abs(np.asarray(qa_or_w, np.float64))
+    if qa_or_w.scheme == "int8":
+        return np.abs(np.asarray(qa_or_w.data, np.float64) * np.asarray(qa_or_w.scale, np.float64))
+    q = np.asarray(unpack_int4(qa_or_w.data), np.float64)[: qa_or_w.in_features]
+    g = np.arange(qa_or_w.in_features) // qa_or_w.group_size
+    z = np.asarray(qa_or_w.zero, np.float64)[g]
+    s = np.asarray(qa_or_w.scale, np.float64)[g]
+    return (q + z) * s
+
+
+def _check(y, ref, x, w_abs, extra_ops=0):
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert y.shape == ref.shape
+    xa = np.abs(np.asarray(jnp.asarray(x, jnp.float32), np.float64)).reshape(-1, w_abs.shape[0])
+    mag = (xa @ w_abs).reshape(ref.shape)
+    tol = 2 * _gamma(w_abs.shape[0] + extra_ops) * mag
+    if jnp.dtype(x.dtype) == jnp.bfloat16:
+        tol = tol + 2.0 ** -7 * np.maximum(np.abs(ref), np.abs(y))
+    err = np.abs(y - ref)
+    assert np.all(err <= tol + 1e-30), f"max err {err.max():.3g}, at tol {tol.flat[np.argmax(err - tol)]:.3g}"
+
+
+def _isas():
+    return native.usable_isas() if native.available() else []
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("wdt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("xdt", ["float32", "bfloat16"])
+def test_dense_every_isa(k, n, wdt, xdt):
+    _, w = _data(1, k, n, seed=k)
+    wj = jnp.asarray(w, wdt)
+    xs = [jnp.asarray(_data(m, k, 1, seed=m)[0], xdt) for m in MS]
+    refs = jax.jit(lambda xs, w: [native.matmul_reference(x, w) for x in xs])(xs, wj)
+    w_abs = _abs_weights(wj.astype(jnp.float32))
+    for isa in _isas():  # one compile per ISA for every M
+        ys = jax.jit(lambda xs, w: [native.matmul(x, w, isa=isa) for x in xs])(xs, wj)
+        for x, y, ref in zip(xs, ys, refs):
+            assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
+            _check(y, ref, x, w_abs)
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("xdt", ["float32", "bfloat16"])
+def test_quant_every_isa(k, n, scheme, xdt):
+    x0, w = _data(1, k, n, seed=k)
+    qa = (quantize_int8 if scheme == "int8" else quantize_int4)(jnp.asarray(w))
+    w_abs = _abs_weights(qa)
+    xs = [jnp.asarray(_data(m, k, 1, seed=100 + m)[0], xdt) for m in MS]
+    refs = jax.jit(lambda xs, qa: [quant_matmul_reference(x, qa) for x in xs])(xs, qa)
+    for isa in _isas():
+        ys = jax.jit(lambda xs, qa: [native.quant_matmul(x, qa, isa=isa) for x in xs])(xs, qa)
+        for x, y, ref in zip(xs, ys, refs):
+            assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
+            # int4: group sums, the zero-point term and the scale add a few roundings per group
+            _check(y, ref, x, w_abs, extra_ops=4 * (-(-k // 128)) + 4)
+
+
+@needs_native
+def test_isas_agree_bitwise_on_integer_data():
+    """Integer-valued data: every sum is exact in f32, so every ISA path must give identical bits."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(-3, 4, (7, 301)), jnp.float32)
+    w = jnp.asarray(rng.integers(-4, 5, (301, 389)), jnp.float32)
+    qa8 = QuantArray(jnp.asarray(rng.integers(-127, 128, (301, 389)), jnp.int8), jnp.ones((1, 389)), None, "int8", 301)
+    # int4 with power-of-two scales, any codes and zero points (301 rows: 3 groups, 83 padding rows)
+    qa4 = QuantArray(jnp.asarray(rng.integers(0, 256, (192, 389)), jnp.uint8), jnp.full((3, 389), 0.5),
+                     jnp.asarray(rng.integers(0, 16, (3, 389)), jnp.uint8), "int4", 301)
+    outs = [(native.matmul(x, w, isa=i), native.quant_matmul(x, qa8, isa=i), native.quant_matmul(x, qa4, isa=i))
+            for i in _isas()]
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(x) @ np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(outs[0][2]), np.asarray(quant_matmul_reference(x, qa4)))
+
+
+@needs_native
+def test_leading_dims_jit_vmap_scan():
+    rng = np.random.default_rng(2)
+    k, n, layers = 260, 260, 3
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((layers, k, n)) / np.sqrt(k), jnp.float32)
+    q4 = quantize_int4(ws)  # stacked [L, ...] QuantArray
+    q8 = quantize_int8(ws)
+    w0 = ws[0]
+    q40 = jax.tree_util.tree_map(lambda a: a[0], q4)
+    w_abs = _abs_weights(w0)
+
+    # leading dims of x flattened into M; jit
+    _check(jax.jit(native.matmul)(x, w0), native.matmul_reference(x, w0), x, w_abs)
+    _check(jax.jit(native.quant_matmul)(x, q40), quant_matmul_reference(x, q40), x, _abs_weights(q40), 40)
+
+    # vmap over x only (folded into one call) and over the weights (one call per weight)
+    xb = jnp.asarray(rng.standard_normal((4, 5, k)), jnp.float32)
+    _check(jax.vmap(lambda xi: native.matmul(xi, w0))(xb), native.matmul_reference(xb, w0), xb, w_abs)
+    y = jax.vmap(lambda qa: native.quant_matmul(x, qa))(q4)
+    ref = jnp.stack([quant_matmul_reference(x, jax.tree_util.tree_map(lambda a: a[i], q4)) for i in range(layers)])
+    _check(y, ref, jnp.broadcast_to(x, (layers, *x.shape)), _abs_weights(q40) * 2, 40)
+    y = jax.vmap(native.quant_matmul)(jnp.broadcast_to(x, (layers, *x.shape)), q8)
+    ref = jnp.stack([quant_matmul_reference(x, jax.tree_util.tree_map(lambda a: a[i], q8)) for i in range(layers)])
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+    # lax.scan over stacked layers, inside jit
+    def body(h, w):
+        return native.matmul(h, w), None
+
+    def body_q(h, qa):
+        return native.quant_matmul(h, qa), None
+
+    h_ref = x
+    for i in range(layers):
+        h_ref = native.matmul_reference(h_ref, ws[i])
+    h = jax.jit(lambda x, ws: jax.lax.scan(body, x, ws)[0])(x, ws)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=1e-4, atol=1e-5)
+    hq = jax.jit(lambda x, q: jax.lax.scan(body_q, x, q)[0])(x, q4)
+    hq_ref = x
+    for i in range(layers):
+        hq_ref = quant_matmul_reference(hq_ref, jax.tree_util.tree_map(lambda a: a[i], q4))
+    np.testing.assert_allclose(np.asarray(hq), np.asarray(hq_ref), rtol=1e-4, atol=1e-5)
+
+
+def test_routes_to_reference_outside_its_domain():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+    x_big = jnp.asarray(rng.standard_normal((native.MAX_M + 1, 64)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(native.matmul(x_big, w)), np.asarray(native.matmul_reference(x_big, w)),
+                               rtol=1e-5, atol=1e-5)
+    x16 = x_big[:3].astype(jnp.float16)
+    y = native.matmul(x16, w)
+    assert y.dtype == jnp.float16
+    qa = quantize_int4(w)
+    y = native.quant_matmul(x16, qa)
+    assert y.dtype == jnp.float16 and y.shape == (3, 48)
+    assert native.matmul(x_big[:0], w).shape == (0, 48)
+
+
+def test_bad_input_raises_value_error():
+    w = jnp.ones((8, 4), jnp.float32)
+    qa = quantize_int8(w)
+    x = jnp.ones((2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="float"):
+        native.matmul(jnp.ones((2, 8), jnp.int32), w)
+    with pytest.raises(ValueError, match="2-D"):
+        native.matmul(x, jnp.ones((2, 8, 4)))
+    with pytest.raises(ValueError, match="K = 8"):
+        native.matmul(jnp.ones((2, 7)), w)
+    with pytest.raises(ValueError, match="float"):
+        native.matmul(x, jnp.ones((8, 4), jnp.int8))
+    with pytest.raises(ValueError, match="QuantArray"):
+        native.quant_matmul(x, w)
+    with pytest.raises(ValueError, match="K = 8"):
+        native.quant_matmul(jnp.ones((2, 9)), qa)
+    with pytest.raises(ValueError, match="int8 data must be int8"):
+        native.quant_matmul(x, QuantArray(qa.data.astype(jnp.int32), qa.scale, None, "int8", 8))
+    q4 = quantize_int4(w)
+    with pytest.raises(ValueError, match="zero must be uint8"):
+        native.quant_matmul(x, QuantArray(q4.data, q4.scale, None, "int4", 8))
+    with pytest.raises(ValueError, match="2-D"):
+        native.quant_matmul(x, quantize_int8(jnp.ones((2, 8, 4))))
+    if native.available():
+        with pytest.raises(ValueError, match="isa"):
+            native.matmul(x, w, isa="sse9")
+
+
+def _run_isolated(code, **env):
+    full = {**os.environ, **env, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+@needs_native
+def test_env_var_forces_each_isa_and_rejects_unknown():
+    code = ("import numpy as np, jax.numpy as jnp\n"
+            "from er_jax.kernels import native\n"
+            "x = jnp.asarray(np.arange(6.0).reshape(2, 3), jnp.float32); w = jnp.ones((3, 5), jnp.float32)\n"
+            "y = native.matmul(x, w)\n"
+            "print(native.isa(), native.available(), float(y.sum()), native.why_unavailable())")
+    for isa in _isas():
+        out = _run_isolated(code, ER_JAX_NATIVE_ISA=isa).split()
+        assert out[:3] == [isa, "True", "75.0"], out
+    out = _run_isolated(code, ER_JAX_NATIVE_ISA="mmx")
+    assert out.startswith(" False 75.0") or "False 75.0" in out and "ER_JAX_NATIVE_ISA=mmx" in out, out
