@@ -11,8 +11,13 @@ Backends (one module each, an `IMPLS` dict of uniform-signature ops; `registry` 
 implementation, falling back to the XLA backend, i.e. the references): `xla`, `pallas` (and `sharded`,
 the Pallas kernels per shard of a mesh), `native` (the C++ / XLA FFI CPU kernels).
 
-Pallas lowering: `pl.pallas_call` with its default GPU lowering (Triton in jax 0.10 / 0.11); on CPU the
-kernels run in interpret mode. Kernel bodies use only
+Pallas lowering (`call`, below): the lowering is chosen per platform when the step is lowered, not when it
+is traced (`jax.lax.platform_dependent`): interpret mode on CPU; on CUDA / ROCm Triton, chosen explicitly
+with `jax.experimental.pallas.triton.CompilerParams(num_warps, num_stages)` (jax 0.10's plain `pallas_call`
+would pick Mosaic GPU, which none of these kernels fits; jax 0.11 defaults to Triton); on TPU Mosaic TPU
+(only kernels whose compile test passes are registered for TPU, see registry). So one traced step lowers
+for any platform (`.lower(lowering_platforms=("cuda",))` on a CPU host: tests/test_compile.py). Kernel
+bodies use only
 ref indexing (`ref[...]`, `pl.ds`), `pl.program_id`, `lax.fori_loop` and jnp ops, no Triton-only
 primitives (no masked loads, atomics or inline asm), so every load must stay inside its array: block
 sizes are powers of two that divide the array dimension, or the last tile is re-read at a clamped
@@ -22,8 +27,12 @@ The helpers below are shared by the three kernel modules.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from er_jax.config import platform
 
@@ -36,8 +45,35 @@ def default_interpret() -> bool:
     return platform() == "cpu"
 
 
-def resolve_interpret(interpret) -> bool:
-    return default_interpret() if interpret is None else bool(interpret)
+def resolve_interpret(interpret) -> bool | None:
+    """None (the default): decided per platform at lowering (`call`); True / False: forced."""
+    return None if interpret is None else bool(interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Triton launch parameters of one kernel call, chosen by the kernel's wrapper per shape."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def call(kernel, *, interpret, tuning: Tuning, **kw):
+    """`pl.pallas_call(kernel, **kw)` lowered per platform: interpret mode on CPU (or everywhere when
+    `interpret` is True), Triton with `tuning` on CUDA / ROCm, Mosaic TPU on TPU (and any other platform).
+    `interpret=False` forces a compiled lowering on every platform (CPU then fails, as Pallas has none)."""
+    interpreted = pl.pallas_call(kernel, interpret=True, **kw)
+    if interpret:
+        return interpreted
+    triton = pl.pallas_call(kernel, interpret=False, compiler_params=pltriton.CompilerParams(
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages), **kw)
+    compiled = pl.pallas_call(kernel, interpret=False, **kw)
+
+    def run(*operands):
+        return jax.lax.platform_dependent(*operands, cpu=compiled if interpret is False else interpreted,
+                                          cuda=triton, rocm=triton, default=compiled)
+
+    return run
 
 
 def next_pow2(n: int) -> int:

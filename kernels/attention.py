@@ -4,14 +4,17 @@ Semantics are exactly `attention_reference` below (the plain-jnp definition, als
 q [B, T, H, hd], k / v [B, S, KV, hd], q_pos int [B, T]; key j is visible to query (b, t) iff
 j <= q_pos[b, t]; GQA with H = KV * G. Used for T = 1 (decode, draft) and T = γ + 1 (verify).
 
-Lowering: `pl.pallas_call`, GPU default (Triton in jax 0.10 / 0.11); interpret mode on CPU. The K / V
+Lowering: `er_jax.kernels.call` (interpret mode on CPU, Triton with per-shape `num_warps` / `num_stages`
+on GPU). The K / V
 refs cover a row's whole cache (with Triton a ref is a pointer: nothing is read until a tile is loaded);
 the body loads [block_s, hd] tiles with `pl.ds` inside a `lax.fori_loop` whose bounds depend on the row's
 positions, so cache blocks beyond max(q_pos[b]) are never read. (A backend that copies whole blocks
 ahead of the body, Mosaic TPU / Mosaic GPU, would want `memory_space=ANY` and manual copies instead.)
 
-Grid (B, KV, splits). A program holds the T*G query rows of one KV head ([rows, hd], rows padded to a
-power of two >= 16) and the visible blocks of its row are divided evenly among the `splits` programs
+Grid (B, KV, row tiles, splits). The T*G query rows of one KV head (rows padded to a power of two >= 16)
+are cut into tiles of at most MAX_ROWS = 128 rows, one per program ([rows, hd]: prefill of a 512-token
+prompt at G = 6 is 24 tiles, not one 4096-row program), and the visible blocks of a tile (up to its own
+largest position: causal, so early tiles read less) are divided evenly among the `splits` programs
 (dynamically, from max(q_pos[b]), so short rows do not leave most splits idle). Each runs an online
 softmax; with one split it normalizes and writes the output, otherwise it writes (o, m, l) partials
 that the wrapper merges. A cache length S that is not a multiple of the tile re-reads its last tile at
@@ -28,12 +31,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from er_jax.kernels import (MIN_DOT, check_positive_pow2, clamped_tile, next_pow2, prev_pow2,
-                            resolve_interpret)
+from er_jax.kernels import (MIN_DOT, Tuning, call, check_positive_pow2, clamped_tile, next_pow2, prev_pow2,
+                            resolve_interpret, round_up)
 
 DEFAULT_BLOCK_S = 128
 TARGET_PROGRAMS = 256  # splits * B * KV programs to aim for
 MAX_SPLITS = 32
+MAX_ROWS = 128  # query rows per program (one tile of the grid's row axis)
 _NEG = -1e30  # running-max start: finite, so rows with nothing visible yet never produce inf - inf
 
 
@@ -56,7 +60,7 @@ def attention_reference(q, k, v, q_pos):
 
 def _attention_kernel(layer_ref, q_ref, pos_ref, k_ref, v_ref, *out_refs, block_s, seq_len, splits, sqrt_hd,
                       precision):
-    # layer_ref int32 [1]; q_ref [R, hd]; pos_ref int32 [R]; k_ref / v_ref [L, S, hd];
+    # layer_ref int32 [1]; q_ref [R, hd] (one row tile); pos_ref int32 [R]; k_ref / v_ref [L, S, hd];
     # out: o [R, hd] or (o f32, m, l) partials
     layer = layer_ref[0]
     q = q_ref[...]
@@ -64,7 +68,7 @@ def _attention_kernel(layer_ref, q_ref, pos_ref, k_ref, v_ref, *out_refs, block_
     n_blocks = pl.cdiv(seq_len, block_s)
     need = jnp.minimum(jnp.max(pos) // block_s + 1, n_blocks)  # blocks that hold a visible key
     per = (need + splits - 1) // splits
-    lo = pl.program_id(2) * per
+    lo = pl.program_id(3) * per
     hi = jnp.minimum(lo + per, need)
 
     def body(i, carry):
@@ -101,6 +105,13 @@ def _auto_splits(batch: int, kv_heads: int, n_blocks: int) -> int:
     return max(1, min(n_blocks, MAX_SPLITS, -(-TARGET_PROGRAMS // (batch * kv_heads))))
 
 
+def _tuning(rows: int, hd: int) -> Tuning:
+    """Triton launch parameters: the f32 accumulator [rows, hd] and the [rows, block_s] scores (~4096) live
+    in registers, 4 warps up to 64 x 128 accumulator elements, 8 beyond (128 query rows at hd = 128). The
+    K / V tiles ([block_s, hd] each) are double-buffered across the (dynamic-bound) key loop."""
+    return Tuning(num_warps=4 if rows * hd <= 64 * 128 else 8, num_stages=2)
+
+
 @functools.partial(jax.jit, static_argnames=("block_s", "num_splits", "interpret"))
 def _ragged_attention(q, k, v, q_pos, layer, *, block_s, num_splits, interpret):
     if k.ndim == 4:  # one layer's cache is a stack of one (a free reshape)
@@ -111,6 +122,9 @@ def _ragged_attention(q, k, v, q_pos, layer, *, block_s, num_splits, interpret):
     g = h // kvh
     r = t * g
     rp = max(MIN_DOT, next_pow2(r))
+    br = min(rp, MAX_ROWS)  # rows per program; rp becomes a whole number of tiles
+    rp = round_up(rp, br)
+    tiles = rp // br
     # Rows of one KV head: r = t * G + g (the reference's [B, T, KV, G] head order).
     qr = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kvh, r, hd)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
@@ -123,29 +137,29 @@ def _ragged_attention(q, k, v, q_pos, layer, *, block_s, num_splits, interpret):
         v = jnp.pad(v, ((0, 0), (0, 0), (0, MIN_DOT - seq), (0, 0), (0, 0)))
     n_layers, s_len = k.shape[0], k.shape[2]
     # Default tile: [rows, block_s] f32 scores stay around 4096 elements (register budget per program).
-    bs = min(block_s or max(MIN_DOT, min(DEFAULT_BLOCK_S, 4096 // rp)), prev_pow2(s_len))
+    bs = min(block_s or max(MIN_DOT, min(DEFAULT_BLOCK_S, 4096 // br)), prev_pow2(s_len))
     n_blocks = -(-s_len // bs)
-    splits = min(num_splits or _auto_splits(b, kvh, n_blocks), n_blocks)
+    splits = min(num_splits or _auto_splits(b * tiles, kvh, n_blocks), n_blocks)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_attention_kernel, block_s=bs, seq_len=s_len, splits=splits,
                                sqrt_hd=math.sqrt(hd), precision=precision)
-    kv_spec = pl.BlockSpec((n_layers, None, s_len, None, hd), lambda i, j, s: (0, i, 0, j, 0))
-    in_specs = [pl.BlockSpec((1,), lambda i, j, s: (0,)),
-                pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)),
-                pl.BlockSpec((None, rp), lambda i, j, s: (i, 0)), kv_spec, kv_spec]
-    call = functools.partial(pl.pallas_call, kernel, grid=(b, kvh, splits), in_specs=in_specs,
-                             interpret=interpret, name="ragged_attention")
+    kv_spec = pl.BlockSpec((n_layers, None, s_len, None, hd), lambda i, j, r, s: (0, i, 0, j, 0))
+    in_specs = [pl.BlockSpec((1,), lambda i, j, r, s: (0,)),
+                pl.BlockSpec((None, None, br, hd), lambda i, j, r, s: (i, j, r, 0)),
+                pl.BlockSpec((None, br), lambda i, j, r, s: (i, r)), kv_spec, kv_spec]
+    launch = functools.partial(call, kernel, grid=(b, kvh, tiles, splits), in_specs=in_specs,
+                               interpret=interpret, tuning=_tuning(br, hd), name="ragged_attention")
     if splits == 1:
-        o = call(out_shape=jax.ShapeDtypeStruct((b, kvh, rp, hd), q.dtype),
-                 out_specs=pl.BlockSpec((None, None, rp, hd), lambda i, j, s: (i, j, 0, 0)))(layer, qr, pos, k, v)
+        o = launch(out_shape=jax.ShapeDtypeStruct((b, kvh, rp, hd), q.dtype),
+                   out_specs=pl.BlockSpec((None, None, br, hd), lambda i, j, r, s: (i, j, r, 0)))(layer, qr, pos, k, v)
     else:
-        o, m, l = call(
+        o, m, l = launch(
             out_shape=(jax.ShapeDtypeStruct((b, kvh, splits, rp, hd), jnp.float32),
                        jax.ShapeDtypeStruct((b, kvh, splits, rp), jnp.float32),
                        jax.ShapeDtypeStruct((b, kvh, splits, rp), jnp.float32)),
-            out_specs=(pl.BlockSpec((None, None, None, rp, hd), lambda i, j, s: (i, j, s, 0, 0)),
-                       pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0)),
-                       pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))))(layer, qr, pos, k, v)
+            out_specs=(pl.BlockSpec((None, None, None, br, hd), lambda i, j, r, s: (i, j, s, r, 0)),
+                       pl.BlockSpec((None, None, None, br), lambda i, j, r, s: (i, j, s, r)),
+                       pl.BlockSpec((None, None, None, br), lambda i, j, r, s: (i, j, s, r))))(layer, qr, pos, k, v)
         m_all = jnp.max(m, axis=2, keepdims=True)
         w = jnp.exp(m - m_all)  # splits that saw nothing have l = 0, o = 0
         l_all = jnp.sum(l * w, axis=2)
@@ -163,8 +177,8 @@ def ragged_attention(q, k, v, q_pos, *, layer=None, block_s=None, num_splits=Non
     k and v are the whole stacked cache [L, B, S, KV, hd] and layer `layer` is read in place (inside a
     scan over layers this avoids the copy XLA makes of `k_all[i]` to feed a custom call).
     block_s: power-of-two key tile (default 128; less when more than 32 query rows T * H / KV share a
-    program, and for short caches). num_splits: programs per (row, KV head) (default: enough for ~256
-    programs). interpret: default True on CPU.
+    program, and for short caches). num_splits: programs per (row, KV head, row tile) (default: enough for
+    ~256 programs). interpret: default None (interpret mode when lowered for CPU, compiled elsewhere).
     """
     kv_rank = 4 if layer is None else 5
     if q.ndim != 4 or k.ndim != kv_rank or v.ndim != kv_rank:

@@ -1,8 +1,9 @@
 """W4A16 / W8A16 matmul: `x [..., K] @ W` with W an `er_jax.quant.QuantArray` whose codes cross memory
 once, as int8 / packed int4, and are dequantized in registers inside the kernel.
 
-Lowering: `pl.pallas_call`, GPU default (Triton in jax 0.10 / 0.11); interpret mode on CPU. The body uses
-ref slices, `lax.fori_loop` and `lax.dot` only (see er_jax/kernels/__init__.py).
+Lowering: `er_jax.kernels.call` (interpret mode on CPU, Triton with per-shape `num_warps` / `num_stages`
+on GPU, see `_tuning`). The body uses ref slices, `lax.fori_loop` and `lax.dot` only (see
+er_jax/kernels/__init__.py).
 
 Layout (docs/internals.md): "int8": data int8 [K, N], scale f32 [1, N], w = data * scale.
 "int4": data uint8 [Kp/2, N], byte j = rows 2j (low nibble) and 2j+1 (high nibble), scale f32 and
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from er_jax.kernels import MIN_DOT, check_positive_pow2, fit_block, next_pow2, resolve_interpret, round_up
+from er_jax.kernels import (MIN_DOT, Tuning, call, check_positive_pow2, fit_block, next_pow2, resolve_interpret,
+                            round_up)
 from er_jax.quant import QuantArray, dequantize
 
 TARGET_PROGRAMS = 256  # split K until about this many programs run (memory-bound decode on ~132 SMs)
@@ -88,6 +90,15 @@ def _int4_kernel(layer_ref, xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref, *, half_
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tuning(bm: int, bn: int, steps: int) -> Tuning:
+    """Triton launch parameters. A program's f32 accumulator is [bm, bn]: 4 warps (128 threads) hold up to
+    64 x 128 of it in registers (64 per thread), 8 warps beyond that. The K loop streams weight tiles
+    (~16-32 KiB a stage at bk = 128 or one 128-row int4 group), so deeper software pipelining hides HBM
+    latency in memory-bound decode: 4 stages when the loop has that many steps (~128 KiB of shared memory
+    at most, under the 227 KiB of an H100), fewer for short loops."""
+    return Tuning(num_warps=4 if bm * bn <= 64 * 128 else 8, num_stages=max(1, min(4, steps)))
 
 
 def _auto_split(k_steps: int, programs: int) -> int:
@@ -163,8 +174,8 @@ def _quant_matmul(x, qa, layer, *, block_m, block_n, block_k, split_k, out_dtype
     else:
         out_shape = jax.ShapeDtypeStruct((split, mp, np_), jnp.float32)
         out_spec = pl.BlockSpec((None, bm, bn), lambda j, i, s: (s, i, j))
-    y = pl.pallas_call(kernel, out_shape=out_shape, grid=(grid_n, grid_m, split), in_specs=in_specs,
-                       out_specs=out_spec, interpret=interpret, name=f"quant_matmul_{qa.scheme}")(*operands)
+    y = call(kernel, out_shape=out_shape, grid=(grid_n, grid_m, split), in_specs=in_specs, out_specs=out_spec,
+             interpret=interpret, tuning=_tuning(bm, bn, steps), name=f"quant_matmul_{qa.scheme}")(*operands)
     if split > 1:
         y = jnp.sum(y, axis=0)
     return y[:m, :n].astype(out_dtype).reshape(*lead, n)
@@ -181,7 +192,7 @@ def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, b
     block_m / block_n / block_k: power-of-two tile sizes (default 64 / 128 / 128, shrunk to fit; int4
     always steps one quantization group of K). split_k: number of K ranges run in parallel (default:
     enough for ~256 programs). out_dtype: e.g. f32 for partial sums that are reduced across shards.
-    interpret: default True on CPU.
+    interpret: default None (interpret mode when lowered for CPU, compiled elsewhere).
     """
     if not isinstance(qa, QuantArray):
         raise ValueError(f"quant_matmul needs an er_jax.quant.QuantArray, got {type(qa).__name__}")

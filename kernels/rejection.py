@@ -6,8 +6,8 @@ SamplingConfig and one typed PRNG key per row -> (n_accepted [B], tokens [B, γ+
 [B, γ+1]). Given the same keys it draws the same uniforms and Gumbel noise as the reference, so the
 two agree token for token up to float rounding at decision boundaries.
 
-Lowering: `pl.pallas_call`, GPU default (Triton in jax 0.10 / 0.11); interpret mode on CPU. Body: ref
-slices, `lax.fori_loop`, jnp reductions (max / sum / argmax) only.
+Lowering: `er_jax.kernels.call` (interpret mode on CPU, Triton on GPU with `_tuning`). Body: ref slices,
+`lax.fori_loop`, jnp reductions (max / sum / argmax) only.
 
 Two passes, neither materializes a softmax of the logits in HBM:
 1. `_stats_kernel`, grid (B, γ+1, splits): for every target row and drafter row, one sweep over its
@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from er_jax.config import SamplingConfig
-from er_jax.kernels import check_positive_pow2, clamped_tile, prev_pow2, resolve_interpret
+from er_jax.kernels import Tuning, call, check_positive_pow2, clamped_tile, prev_pow2, resolve_interpret
 from er_jax.sampling import filter_logits, log_probs, reported_log_probs, sample, token_logprob
 
 DEFAULT_BLOCK_V = 2048
@@ -182,6 +182,13 @@ def _residual_kernel(*refs, block_v, vocab, splits, gamma, temperature, filtered
     sum_r_ref[...] = sum_r
 
 
+def _tuning(block_v: int) -> Tuning:
+    """Triton launch parameters: a [block_v] f32 tile per operand, 8 elements per thread (8 warps at the
+    default 2048), no dot; 3 stages prefetch the next vocab tiles of this streaming, bandwidth-bound loop
+    (8 KiB a tile per operand)."""
+    return Tuning(num_warps=max(1, min(8, block_v // 256)), num_stages=3)
+
+
 def _auto_splits(programs: int, n_tiles: int) -> int:
     return max(1, min(n_tiles, MAX_SPLITS, -(-TARGET_PROGRAMS // programs)))
 
@@ -242,8 +249,8 @@ def _rejection_sample(target_logits, draft_logits, draft_tokens, keys, *, sc, bl
         in_specs += [pl.BlockSpec((None, None), lambda i, j, c: (i, j)),
                      pl.BlockSpec((None, None), lambda i, j, c: (i, jnp.minimum(j, gamma - 1)))]
     out_dtypes = [jnp.float32, jnp.float32] + ([jnp.float32, jnp.int32] if greedy else [jnp.float32, jnp.float32])
-    stats = pl.pallas_call(
-        functools.partial(_stats_kernel, greedy=greedy, **common), grid=(b, g1, splits),
+    stats = call(
+        functools.partial(_stats_kernel, greedy=greedy, **common), grid=(b, g1, splits), tuning=_tuning(bv),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, None), lambda i, j, c: (i, j, c))] * 4,
         out_shape=[jax.ShapeDtypeStruct((b, g1, splits), dt) for dt in out_dtypes],
@@ -282,8 +289,9 @@ def _rejection_sample(target_logits, draft_logits, draft_tokens, keys, *, sc, bl
             in_specs += [scalar, scalar]
         operands.append(gumbel)
         in_specs.append(pl.BlockSpec((None, v), lambda i, c: (i, 0)))
-        res = pl.pallas_call(
+        res = call(
             functools.partial(_residual_kernel, **{**common, "splits": splits2}), grid=(b, splits2),
+            tuning=_tuning(bv),
             in_specs=in_specs, out_specs=[pl.BlockSpec((None, None), lambda i, c: (i, c))] * 5,
             out_shape=[jax.ShapeDtypeStruct((b, splits2), dt)
                        for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.float32)],
@@ -306,7 +314,7 @@ def rejection_sample(target_logits, draft_logits, draft_tokens, sc: SamplingConf
     sc a SamplingConfig (static), keys [B] typed PRNG keys. Returns (n_accepted int32 [B],
     tokens int32 [B, γ+1], logprobs f32 [B, γ+1]) with the reference's meaning. block_v: power-of-two
     vocab tile (default 2048); num_splits: vocab ranges per row run in parallel (default: enough for
-    ~256 programs); interpret: default True on CPU.
+    ~256 programs); interpret: default None (interpret mode when lowered for CPU, compiled elsewhere).
     """
     if not isinstance(sc, SamplingConfig):
         raise ValueError(f"sc must be an er_jax.config.SamplingConfig, got {type(sc).__name__}")
