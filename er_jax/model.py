@@ -61,9 +61,12 @@ def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution):
     return x + mm(jax.nn.silu(mm(y, "w_gate")) * mm(y, "w_up"), "w_down")
 
 
-def logits_from_hidden(config: ModelConfig, weights, x):
-    """Final norm and LM head; f32 logits."""
+def logits_from_hidden(config: ModelConfig, weights, x, ex: Execution = DEFAULT_EXECUTION):
+    """Final norm and LM head; f32 logits. A drafter with its own quantized head (`lm_head_q`, see
+    er_jax.quant.derive_drafter) runs it through the backend's quant_matmul op, f32 activations."""
     x = rms_norm(x, weights["final_norm"], config.rms_norm_eps)
+    if weights.get("lm_head_q") is not None:
+        return ex.op("quant_matmul")(x.astype(jnp.float32), weights["lm_head_q"], ex=ex, name="lm_head")
     head = weights["embed"].T if config.tie_embeddings else weights["lm_head"]
     return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
 
@@ -122,7 +125,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
 
     if logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
-    logits = logits_from_hidden(config, weights, x)
+    logits = logits_from_hidden(config, weights, x, ex)
     return logits if cache is None else (logits, cache)
 
 

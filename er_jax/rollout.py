@@ -1,6 +1,7 @@
 """SpecRollout: the object an RL loop holds (names follow google/tunix's rollout interface)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Callable, Sequence
@@ -10,12 +11,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from er_jax import controller, sharding
-from er_jax.config import MODES, SCHEMES, ModelConfig, RolloutConfig, check_choice
+from er_jax.config import DRAFTER_HEADS, MODES, SCHEMES, ModelConfig, RolloutConfig, check_choice
 from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
 from er_jax.execution import resolve_execution
 from er_jax.model import forward, unstack_layers, validate_weights
-from er_jax.quant import derive_drafter, projection_bytes
+from er_jax.quant import derive_drafter, head_bytes, projection_bytes
 from er_jax.sampling import reported_log_probs, token_logprob
+
+
+# The drafter's LM head by default (issue 12, deliverable 5; the numbers: experiments/results/
+# acceptance_head_smollm2.json and docs/cpu_profile.md).
+DEFAULT_DRAFTER_HEAD = "int8"
+
+
+def _with_drafter_head(costs, config: ModelConfig, head: str):
+    """The cost model's drafter bytes with the drafter's own int8 head in place of the shared one."""
+    if head == "shared":
+        return costs
+    from er_jax.controller.costs import ITEMSIZE, quantized_bytes
+
+    d, v = config.hidden_size, config.vocab_size
+    return dataclasses.replace(costs, drafter_bytes=costs.drafter_bytes - d * v * ITEMSIZE[config.dtype]
+                               + quantized_bytes(d, v, "int8"))
 
 
 class SpecRollout:
@@ -30,9 +47,11 @@ class SpecRollout:
     def __init__(self, config: ModelConfig, weights, tokenizer=None, *, max_batch: int, max_prompt_len: int,
                  max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
                  kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
-                 seed: int = 0, mesh=None, layout: str | None = None, forced_acceptance: float | None = None):
+                 seed: int = 0, mesh=None, layout: str | None = None, forced_acceptance: float | None = None,
+                 drafter_head: str = DEFAULT_DRAFTER_HEAD):
         check_choice("mode", mode, MODES)
         check_choice("drafter", drafter, SCHEMES)
+        check_choice("drafter_head", drafter_head, DRAFTER_HEADS)
         if not 1 <= draft_length <= MAX_DRAFT:
             raise ValueError(f"draft_length must be in [1, {MAX_DRAFT}], got {draft_length}")
         self.config = config
@@ -43,11 +62,12 @@ class SpecRollout:
             sharding.check_mesh(config, self.mesh, drafter if mode != "ar" else None)
         self.mode = mode
         self.drafter_scheme = drafter
+        self.drafter_head = drafter_head  # "shared" (the target's LM head) or "int8" (the drafter's own)
         # kernels: the op backend (config.BACKENDS); layout: "stacked" (scanned; fast compiles) or "unstacked"
         # (per-layer arrays); None: the platform's defaults (er_jax.execution.resolve_execution).
         self.ex = resolve_execution(kernels, self.mesh, layout)
         self.kernels, self.layout = self.ex.backend, self.ex.layout
-        self.costs = controller.ModelCosts.from_config(config, drafter)
+        self.costs = _with_drafter_head(controller.ModelCosts.from_config(config, drafter), config, drafter_head)
         self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
                                              seed=seed)
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
@@ -85,7 +105,7 @@ class SpecRollout:
         self.weights = self._execution_layout(weights)
         if self.speculates:
             t0 = time.perf_counter()
-            drafter = derive_drafter(weights, self.drafter_scheme)
+            drafter = derive_drafter(weights, self.drafter_scheme, head=self.drafter_head)
             if self.mesh is not None:
                 drafter = sharding.shard_weights(drafter, self.mesh)
             self.drafter = jax.block_until_ready(self._execution_layout(drafter))
@@ -155,8 +175,8 @@ class SpecRollout:
     # -- sizes, compile cache --------------------------------------------------------------------------
     @property
     def drafter_bytes(self) -> int:
-        """Bytes the drafter adds on top of the target: its quantized projections only."""
-        return projection_bytes(self.drafter) if self.drafter is not None else 0
+        """Bytes the drafter adds on top of the target: its quantized projections (and its int8 LM head)."""
+        return projection_bytes(self.drafter) + head_bytes(self.drafter) if self.drafter is not None else 0
 
     @property
     def kv_cache_bytes(self) -> int:

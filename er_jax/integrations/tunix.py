@@ -452,6 +452,7 @@ class ErJaxRollout(base_rollout.BaseRollout):
         self.update_times: list[dict] = []
         self.last_stats: dict | None = None
         self._logp_fns: dict[float, Callable] = {}
+        self._warned_pad = False
         self.update_params(nnx.state(rollout_actor, nnx.Param))
         if max_batch is not None:
             self._build(int(max_batch))
@@ -577,8 +578,20 @@ class ErJaxRollout(base_rollout.BaseRollout):
                              f"{self.max_new_tokens}; pass max_new_tokens= (functools.partial) to allow it")
         ids = [self._tokenize(p) for p in prompts]
         longest = max(len(i) for i in ids)
-        if longest > self.max_prompt_len:
-            raise ValueError(f"a prompt has {longest} tokens, over this ErJaxRollout's max_prompt_len="
+        pad = int(self._tokenizer.pad_id())
+        # tunix masks every prompt token equal to the pad id (its sampler and its trainer alike), so the policy
+        # it trains never sees them: er_jax decodes from the same, masked, prompt (dropping a masked token is the
+        # same computation).
+        feed = [[t for t in p if t != pad] for p in ids]
+        if any(len(f) != len(p) for f, p in zip(feed, ids)) and not self._warned_pad:
+            self._warned_pad = True
+            log.warning("prompts contain the pad id %d; tunix masks those tokens (sampler and trainer), and so does "
+                        "ErJaxRollout. If they are real tokens (e.g. pad = <|im_end|> inside a chat template), give "
+                        "the tokenizer a pad id that never occurs in text", pad)
+        if any(not f for f in feed):
+            raise ValueError(f"a prompt consists of pad tokens (id {pad}) only; tunix masks them, nothing is left")
+        if max(len(f) for f in feed) > self.max_prompt_len:
+            raise ValueError(f"a prompt has {max(len(f) for f in feed)} tokens, over this ErJaxRollout's max_prompt_len="
                              f"{self.max_prompt_len} (from RolloutConfig.max_prompt_length unless given); tunix's "
                              f"vanilla sampler would grow its buffers, er_jax sizes its KV cache up front: pass "
                              f"max_prompt_len= (functools.partial) or shorten the prompts")
@@ -591,7 +604,7 @@ class ErJaxRollout(base_rollout.BaseRollout):
         eos = tuple(int(e) for e in rc.eos_tokens) if rc.eos_tokens else (int(self._tokenizer.eos_id()),)
         erc = er_jax.RolloutConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=_seed_int(rc.seed),
                                    max_new_tokens=max_new, eos_ids=eos)
-        out = self.spec.generate(ids, erc)
+        out = self.spec.generate(feed, erc)
         self.last_stats = out.stats
         eos_set = set(eos)
         tokens = []
@@ -600,7 +613,6 @@ class ErJaxRollout(base_rollout.BaseRollout):
             if len(t) and int(t[-1]) in eos_set:  # tunix returns the tokens before the first EOS
                 t = t[:-1]
             tokens.append(t)
-        pad = int(self._tokenizer.pad_id())
         width = max(int(rc.max_prompt_length), longest)
         if longest > rc.max_prompt_length:  # tunix's sampler pads to the next power of two then
             width = 1 << (longest - 1).bit_length()
