@@ -7,10 +7,12 @@ from er_jax.quant import QuantArray, derive_drafter
 from er_jax.rollout import SpecRollout
 
 
-def load_model(name_or_path: str, dtype: str = "float32"):
-    """A named model ("smollm2"), a GGUF file or a Hugging Face directory -> Model(config, weights, tokenizer)."""
+def load_model(name_or_path: str | None = None, dtype: str = "float32", **kw):
+    """A named model ("smollm2"), a GGUF file, a Hugging Face directory or a shape preset (`preset=` or
+    "preset:NAME", random weights) -> Model(config, weights, tokenizer, source); see er_jax.io.registry.load_model
+    for `preset`, `layers`, `seed`, `weights`."""
     from er_jax.io.registry import load_model as _load
-    return _load(name_or_path, dtype=dtype)
+    return _load(name_or_path, dtype, **kw)
 
 
 __all__ = ["Execution", "ModelConfig", "QuantArray", "RolloutConfig", "RolloutOutput", "SHAPE_PRESETS",

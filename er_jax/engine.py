@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from er_jax.cache import KVCache, cache_bytes, gather_rows, init_cache
 from er_jax.config import ModelConfig, SamplingConfig
-from er_jax.controller import step_intensity
+from er_jax.controller import StepRecord, step_intensity
 from er_jax.execution import Execution
 from er_jax.model import forward
 from er_jax.sharding import cache_sharding, global_decision, replicated, rows_sharding, to_host
@@ -28,6 +28,7 @@ from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
 from er_jax.speculative import draft, verify
 
 MAX_DRAFT = 16  # the largest γ the engine supports (the cache keeps this much headroom)
+STEP_KINDS = ("prefill", "ar", "sd", "compact")  # the jitted steps of Engine.step
 MIN_PROMPT_BUCKET = 16
 
 
@@ -108,7 +109,7 @@ def _emit(spec: StepSpec, st: DecodeState, tokens, logps, count, new_cache: KVCa
     count = jnp.where(live, count, 0)
     cols = st.n_gen[:, None] + pos
     write = pos < count[:, None]
-    rows = jnp.where(write, st.row[:, None], st.out_tokens.shape[0] - 1)  # masked writes go to scratch
+    rows = jnp.where(write, st.row[:, None], scratch_row(st.out_tokens.shape[0] - 1))  # masked writes: scratch
     out_tokens = st.out_tokens.at[rows, cols].set(jnp.where(write, tokens, 0))
     out_logps = st.out_logps.at[rows, cols].set(jnp.where(write, logps, 0.0))
     last = jnp.where(count > 0, jnp.take_along_axis(tokens, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0],
@@ -119,6 +120,19 @@ def _emit(spec: StepSpec, st: DecodeState, tokens, logps, count, new_cache: KVCa
     out_len = st.out_len.at[st.row].set(n_gen)
     return _place(spec, dataclasses.replace(st, cache=cache, last=last, n_gen=n_gen, done=done,
                                             out_tokens=out_tokens, out_logps=out_logps, out_len=out_len))
+
+
+def scratch_row(max_batch: int) -> int:
+    """The output buffers' extra last row (they have max_batch + 1 rows, so their shapes depend on max_batch
+    only): padding slots point at it and masked writes land in it; it is never read back."""
+    return max_batch
+
+
+def prefilled_lengths(prompt_lens):
+    """Cache lengths right after the prefill forward, before `_emit` advances each row by one: the prompt's
+    last token was fed (its K/V written), but `_emit` counts a fed token when it emits the token sampled from
+    it, as it does for every later step. So lengths are prompt_lens - 1 here and prompt_lens after `_emit`."""
+    return prompt_lens - 1
 
 
 def _step_keys(st: DecodeState):
@@ -155,8 +169,7 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
     logits = logits[:, 0]
     tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
-    st = dataclasses.replace(st, cache=KVCache(cache.k, cache.v, prompt_lens - 1))
-    # The prompt's last token was fed here, so lengths become prompt_lens after _emit adds one.
+    st = dataclasses.replace(st, cache=KVCache(cache.k, cache.v, prefilled_lengths(prompt_lens)))
     return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(prompt_lens), cache)
 
 
@@ -219,8 +232,16 @@ class Engine:
         self._signatures: set = set()
 
     # -- compile cache -------------------------------------------------------------------------------
-    def _call(self, kind: str, spec: StepSpec, gamma: int, *args):
-        """Run the jitted step `kind`; shapes (set by the buckets) and statics pick its executable."""
+    def step(self, kind: str, spec: StepSpec, gamma: int, *args):
+        """Run the jitted step `kind` (one of STEP_KINDS) on `args`; shapes (set by the buckets) and statics
+        pick its executable, compiled once. Arguments per kind: "prefill" (weights, state, prompts [B, P],
+        prompt lengths [B]) -> state; "ar" (weights, drafter (ignored), state) -> (state, accepted = 0);
+        "sd" (weights, drafter, state) -> (state, accepted drafts per row); "compact" (state, slots [B'])
+        -> state. The state argument is donated (except for compact)."""
+        if kind not in STEP_KINDS:
+            raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}")
+        if kind == "ar":
+            args = (args[0],) + args[2:]  # the AR step takes no drafter
         key = (kind, spec, gamma)
         if key not in self._jitted:
             if kind == "prefill":
@@ -252,21 +273,24 @@ class Engine:
         for b in buckets:
             limit = np.full(b, self.max_new_tokens, np.int32)
             for pb in pbs:
-                st = self._initial_state(b, b, 0, limit, limit)
-                st = self._call("prefill", spec, 0, weights, st, self._put(jnp.zeros((b, pb), jnp.int32)),
+                st = self.initial_state(b, b, 0, limit, limit)
+                st = self.step("prefill", spec, 0, weights, st, self._put(jnp.zeros((b, pb), jnp.int32)),
                                 self._put(jnp.ones((b,), jnp.int32)))
             for g in gammas:
-                st, _ = (self._call("ar", spec, 0, weights, st) if g == 0 else
-                         self._call("sd", spec, g, weights, drafter, st))
+                st, _ = self.step("ar" if g == 0 else "sd", spec, g, weights, drafter, st)
             for smaller in buckets[: buckets.index(b)]:
-                self._call("compact", spec, 0, st, self._put(jnp.arange(smaller, dtype=jnp.int32)))
+                self.step("compact", spec, 0, st, self._put(jnp.arange(smaller, dtype=jnp.int32)))
         jax.block_until_ready(st)
         return self.compile_count - before
 
     # -- one rollout ----------------------------------------------------------------------------------
-    def _initial_state(self, n_rows: int, bucket: int, seed: int, max_new: np.ndarray, min_new: np.ndarray):
+    def initial_state(self, n_rows: int, bucket: int, seed: int, max_new: np.ndarray,
+                      min_new: np.ndarray) -> DecodeState:
+        """An empty decode state of `bucket` slots, the first `n_rows` holding rows 0..n_rows-1 (per-row limits
+        `max_new` / `min_new`, int [n_rows]); the rest are finished padding slots writing to the scratch row.
+        Placed on the mesh; feed it to `step("prefill", ...)`."""
         rows = np.arange(bucket)
-        scratch = self.max_batch  # output buffers have max_batch + 1 rows so shapes depend on buckets only
+        scratch = scratch_row(self.max_batch)
         row = np.where(rows < n_rows, rows, scratch).astype(np.int32)
         base = jax.random.key(seed)
         keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(bucket))
@@ -289,98 +313,147 @@ class Engine:
             return jax.device_put(tree, shardings)
         return jax.device_put(tree, replicated(self.mesh))
 
+    # -- one rollout: prefill, then per step compact -> choose -> step -> record, then finish -------------
     def run(self, weights, drafter, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
             eos_ids: tuple[int, ...], max_new: np.ndarray, min_new: np.ndarray, policy, costs=None,
             pad_id: int = 0, progress: Callable[[int], None] | None = None,
-            trace: Callable[[dict], None] | None = None) -> RolloutOutput:
+            trace: Callable[[StepRecord], None] | None = None) -> RolloutOutput:
         """Decode `prompts` (validated token lists) to the end. `policy.choose(...)` picks γ per step;
-        `costs` (controller.ModelCosts) adds each step's FLOPs and bytes moved to its record."""
+        `costs` (controller.ModelCosts) adds each step's FLOPs and bytes moved to its StepRecord; `trace` and
+        `progress` see each step's record and its emitted-token count."""
         n = len(prompts)
-        bucket = batch_bucket(n, self.data_parallel)
         spec = StepSpec(self.config, sampling, tuple(eos_ids), self.ex, self.forced_acceptance)
-        plens = np.array([len(p) for p in prompts], np.int32)
-        pb = prompt_bucket(int(plens.max()))
-        padded = np.full((bucket, pb), pad_id, np.int32)
-        for i, p in enumerate(prompts):
-            padded[i, : len(p)] = p
-        plens_b = np.concatenate([plens, np.ones(bucket - n, np.int32)])
-
         t0 = time.perf_counter()
-        st = self._initial_state(n, bucket, seed, max_new, min_new)
-        st = self._call("prefill", spec, 0, weights, st, self._put(jnp.asarray(padded)), self._put(jnp.asarray(plens_b)))
-        done, n_gen, ctx_len = to_host((st.done, st.n_gen, st.cache.lengths))
+        st = self._prefill(spec, weights, prompts, seed, max_new, min_new, pad_id)
+        host = _Host(*to_host((st.done, st.n_gen, st.cache.lengths)))
         policy.start_rollout()
-        steps: list[dict] = []
+        records: list[StepRecord] = []
         controller_s = 0.0  # host time in the policy (choose, observe, end_rollout), part of the rollout's wall time
-        while not done.all():
-            active = int((~done).sum())
-            new_bucket = batch_bucket(active, self.data_parallel)
-            if new_bucket < st.last.shape[0]:  # compaction: live slots first, then finished ones as filler
-                slots = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:new_bucket]
-                st = self._call("compact", spec, 0, st, self._put(jnp.asarray(slots, jnp.int32)))
-                done, n_gen, ctx_len = done[slots], n_gen[slots], ctx_len[slots]
-            live = ~done
-            b = len(done)
-            ctx = float(ctx_len[live].mean())
+        while not host.done.all():
+            st, host = self._compact(spec, st, host)
             tc = time.perf_counter()
-            gamma = global_decision(int(policy.choose(b, active, ctx)))
+            active, ctx = host.active, host.mean_context
+            gamma = global_decision(int(policy.choose(host.bucket, active, ctx)))
             ts, compiles = time.perf_counter(), self.compile_count
-            if gamma == 0:
-                st, n_acc = self._call("ar", spec, 0, weights, st)
-            else:
-                st, n_acc = self._call("sd", spec, gamma, weights, drafter, st)
+            st, n_acc = self.step("ar" if gamma == 0 else "sd", spec, gamma, weights, drafter, st)
             # The one small host read per step (it also ends the step's timing).
-            new_done, new_gen, ctx_len, n_acc = to_host((st.done, st.n_gen, st.cache.lengths, n_acc))
-            rec = dict(step=len(steps), wall_s=time.perf_counter() - ts, batch_bucket=b, active=active,
-                       mean_context=ctx, gamma=gamma, emitted=int((new_gen - n_gen)[live].sum()),
-                       compiled=self.compile_count > compiles,
-                       accepted=[int((n_acc[live] > i).sum()) for i in range(gamma)],
-                       reached=[int((n_acc[live] >= i).sum()) for i in range(gamma)])
-            if costs is not None:
-                rec["flops"], rec["bytes"] = step_intensity(costs, b, ctx, gamma)
-                rec["intensity"] = rec["flops"] / rec["bytes"]
+            new = _Host(*to_host((st.done, st.n_gen, st.cache.lengths)))
+            n_acc = to_host(n_acc)
+            rec = self._record(len(records), time.perf_counter() - ts, host, new, gamma, n_acc,
+                               self.compile_count > compiles, costs)
             tc2 = time.perf_counter()
             policy.observe(rec)
             controller_s += (ts - tc) + (time.perf_counter() - tc2)
-            steps.append(rec)
+            records.append(rec)
             if trace is not None:
                 trace(rec)
             if progress is not None:
-                progress(rec["emitted"])
-            done, n_gen = new_done, new_gen
+                progress(rec.emitted)
+            host = new
         tc = time.perf_counter()
         policy.end_rollout()
         controller_s += time.perf_counter() - tc
+        return self._finish(st, n, pad_id, records, t0, controller_s)
+
+    def _prefill(self, spec: StepSpec, weights, prompts, seed, max_new, min_new, pad_id) -> DecodeState:
+        """Pad the prompts into their (batch, prompt) bucket, prefill the cache, sample each row's first token.
+        Padding rows get a one-token prompt (`prefill_lengths`)."""
+        n = len(prompts)
+        bucket = batch_bucket(n, self.data_parallel)
+        plens = np.array([len(p) for p in prompts], np.int32)
+        padded = np.full((bucket, prompt_bucket(int(plens.max()))), pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+        st = self.initial_state(n, bucket, seed, max_new, min_new)
+        return self.step("prefill", spec, 0, weights, st, self._put(jnp.asarray(padded)),
+                         self._put(jnp.asarray(prefill_lengths(plens, bucket))))
+
+    def _compact(self, spec: StepSpec, st: DecodeState, host: "_Host"):
+        """When the live rows fit a smaller batch bucket, gather them into it: live slots first, then finished
+        ones as filler. Returns the (maybe) compacted state and its host view."""
+        new_bucket = batch_bucket(host.active, self.data_parallel)
+        if new_bucket >= st.last.shape[0]:
+            return st, host
+        slots = np.concatenate([np.flatnonzero(~host.done), np.flatnonzero(host.done)])[:new_bucket]
+        st = self.step("compact", spec, 0, st, self._put(jnp.asarray(slots, jnp.int32)))
+        return st, _Host(host.done[slots], host.n_gen[slots], host.ctx_len[slots])
+
+    @staticmethod
+    def _record(index: int, wall_s: float, before: "_Host", after: "_Host", gamma: int, n_acc, compiled: bool,
+                costs) -> StepRecord:
+        """The step's StepRecord: counts over the rows that were live when it started."""
+        live = ~before.done
+        flops, nbytes = (0.0, 0.0) if costs is None else step_intensity(costs, before.bucket, before.mean_context,
+                                                                        gamma)
+        return StepRecord(step=index, wall_s=wall_s, batch_bucket=before.bucket, active=before.active,
+                          mean_context=before.mean_context, gamma=gamma,
+                          emitted=int((after.n_gen - before.n_gen)[live].sum()),
+                          accepted_per_position=[int((n_acc[live] > i).sum()) for i in range(gamma)],
+                          rows_reaching_position=[int((n_acc[live] >= i).sum()) for i in range(gamma)],
+                          flops=flops, bytes=nbytes, compiled=compiled)
+
+    def _finish(self, st: DecodeState, n: int, pad_id: int, records: list[StepRecord], t0: float,
+                controller_s: float) -> RolloutOutput:
+        """Read the output rows back (the first `n`; the scratch row is dropped) and summarize the rollout."""
         out_tokens, out_logps, lengths = to_host((st.out_tokens, st.out_logps, st.out_len))
         width = self.max_new_tokens
-        tokens = np.where(np.arange(width)[None] < lengths[:n, None], out_tokens[:n, :width], pad_id)
-        logps = np.where(np.arange(width)[None] < lengths[:n, None], out_logps[:n, :width], 0.0)
-        stats = summarize(steps, time.perf_counter() - t0, int(lengths[:n].sum()))
+        inside = np.arange(width)[None] < lengths[:n, None]
+        tokens = np.where(inside, out_tokens[:n, :width], pad_id)
+        logps = np.where(inside, out_logps[:n, :width], 0.0)
+        stats = summarize(records, time.perf_counter() - t0, int(lengths[:n].sum()))
         stats["controller_s"] = controller_s
         return RolloutOutput(tokens.astype(np.int32), lengths[:n].astype(np.int32), logps.astype(np.float32),
                              stats)
 
 
-def summarize(steps: list[dict], wall_s: float, tokens: int) -> dict[str, Any]:
-    """Rollout statistics: time, steps, τ, acceptance per draft position, γ per step, SD-on fraction."""
-    sd = [s for s in steps if s["gamma"] > 0]
-    width = max((s["gamma"] for s in sd), default=0)
+@dataclasses.dataclass(frozen=True)
+class _Host:
+    """The host's copy of the per-slot bookkeeping it reads once per step."""
+
+    done: np.ndarray
+    n_gen: np.ndarray
+    ctx_len: np.ndarray
+
+    @property
+    def bucket(self) -> int:
+        return len(self.done)
+
+    @property
+    def active(self) -> int:
+        return int((~self.done).sum())
+
+    @property
+    def mean_context(self) -> float:
+        return float(self.ctx_len[~self.done].mean())
+
+
+def prefill_lengths(prompt_lens: np.ndarray, bucket: int) -> np.ndarray:
+    """Prompt lengths of a whole bucket: padding rows (past the real ones) get a one-token prompt. Prefill feeds
+    every prompt token and samples the first new one, so a row's cache then holds `len(prompt)` entries."""
+    return np.concatenate([prompt_lens, np.ones(bucket - len(prompt_lens), np.int32)]).astype(np.int32)
+
+
+def summarize(steps: list[StepRecord], wall_s: float, tokens: int) -> dict[str, Any]:
+    """Rollout statistics: time, steps, τ, acceptance per draft position, γ per step, SD-on fraction.
+    `step_records` holds each step's StepRecord as a dict (StepRecord.to_dict)."""
+    sd = [s for s in steps if s.gamma > 0]
+    width = max((s.gamma for s in sd), default=0)
     acc = np.zeros(width)
     reach = np.zeros(width)
     for s in sd:
-        acc[: s["gamma"]] += s["accepted"]
-        reach[: s["gamma"]] += s["reached"]
-    sd_rows = sum(s["reached"][0] for s in sd)
+        acc[: s.gamma] += s.accepted_per_position
+        reach[: s.gamma] += s.rows_reaching_position
+    sd_rows = sum(s.rows_reaching_position[0] for s in sd)
     return {
         "wall_s": wall_s, "tokens": tokens, "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "steps": len(steps), "sd_steps": len(sd), "ar_steps": len(steps) - len(sd),
         "sd_on_fraction": len(sd) / len(steps) if steps else 0.0,
-        "gamma_per_step": [s["gamma"] for s in steps],
-        "active_per_step": [s["active"] for s in steps],
-        "drafted": int(sum(s["gamma"] * s["reached"][0] for s in sd)),
+        "gamma_per_step": [s.gamma for s in steps],
+        "active_per_step": [s.active for s in steps],
+        "drafted": int(sum(s.drafted for s in sd)),
         "accepted": int(acc.sum()),
         # τ: mean tokens a row gains per speculative step (accepted drafts + the corrected / bonus token)
         "tau": float((acc.sum() + sd_rows) / sd_rows) if sd_rows else None,
         "acceptance_per_position": [float(a / r) if r else None for a, r in zip(acc, reach)],
-        "step_records": steps,
+        "step_records": [s.to_dict() for s in steps],
     }

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from er_jax.cache import KVCache
-from er_jax.config import ModelConfig
+from er_jax.config import DTYPES, ModelConfig
 from er_jax.execution import Execution
 from er_jax.quant import QuantArray
 
@@ -142,28 +142,24 @@ def unstack_layers(weights):
 
 
 def init_weights(config: ModelConfig, key, scale: float = 0.02):
-    """Random weights of the right shapes (tests and timing benchmarks)."""
-    d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
-    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"wq": (n, d, qd), "wk": (n, d, kvd), "wv": (n, d, kvd), "wo": (n, qd, d),
-              "w_gate": (n, d, f), "w_up": (n, d, f), "w_down": (n, f, d)}
-    if config.qkv_bias:
-        shapes.update(bq=(n, qd), bk=(n, kvd), bv=(n, kvd))
-    keys = iter(jax.random.split(key, len(shapes) + 2))
-    dt = config.jnp_dtype
-    layers = {name: (scale * jax.random.normal(next(keys), s)).astype(dt) for name, s in shapes.items()}
-    layers["attn_norm"] = jnp.ones((n, d), dt)
-    layers["mlp_norm"] = jnp.ones((n, d), dt)
-    weights = {"embed": (scale * jax.random.normal(next(keys), (v, d))).astype(dt), "layers": layers,
-               "final_norm": jnp.ones((d,), dt)}
-    if not config.tie_embeddings:
-        weights["lm_head"] = (scale * jax.random.normal(next(keys), (d, v))).astype(dt)
-    return weights
+    """Random weights of the right shapes (tests and timing benchmarks), from er_jax.weight_spec: Gaussian
+    (std `scale`) projections, biases, embedding and LM head, unit norm gains."""
+    from er_jax.weight_spec import layer_spec, top_spec
+
+    layer, top = layer_spec(config), top_spec(config)
+    n_layer_random = sum(s.init == "normal" for s in layer.values())
+    keys = iter(jax.random.split(key, n_layer_random + 2))
+    make = lambda s: (jnp.ones(s.shape, DTYPES[s.dtype]) if s.init == "ones" else
+                      (scale * jax.random.normal(next(keys), s.shape)).astype(DTYPES[s.dtype]))
+    layers = {name: make(s) for name, s in layer.items()}  # key order: the projections, then the biases
+    return {**{name: make(s) for name, s in top.items()}, "layers": layers}
 
 
 def validate_weights(config: ModelConfig, weights, what: str = "weights") -> None:
     """Raise ValueError unless `weights` has the structure and shapes `config` implies."""
-    want = jax.eval_shape(lambda: init_weights(config, jax.random.key(0)))
+    from er_jax.weight_spec import abstract_weights
+
+    want = abstract_weights(config)
     got_struct, want_struct = jax.tree_util.tree_structure(weights), jax.tree_util.tree_structure(want)
     if got_struct != want_struct:
         raise ValueError(f"{what} have structure {got_struct}; {config.name} needs {want_struct}")

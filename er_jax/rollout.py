@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Callable, Sequence
@@ -41,6 +42,9 @@ class SpecRollout:
     mode: "ar" (plain decode), "sd" (always speculate with `draft_length`), "toggle" (the paper's
     roofline toggle, fixed γ), "adaptive" (toggle + γ ladder: the paper's full method), "auto" (per-step
     argmin of predicted time per emitted token over γ in {0} + ladder).
+    policy: a controller.Policy to use instead of the one `mode` names (e.g. `controller.make_policy("auto",
+    ..., ladder=(3, 5))`); its mode is then the rollout's. `generate(..., policy=)` and `warmup(..., policy=)`
+    take one per call (a benchmark running every mode on one SpecRollout); `self.policy` is read-only.
     forced_acceptance: benchmarks of random-weight models only; see `Engine` (output is not lossless).
     """
 
@@ -48,7 +52,10 @@ class SpecRollout:
                  max_new_tokens: int, drafter: str = "int4", mode: str = "ar", draft_length: int = 5,
                  kernels: str | None = None, kv_budget_bytes: int | None = None, calibration=None,
                  seed: int = 0, mesh=None, layout: str | None = None, forced_acceptance: float | None = None,
-                 drafter_head: str = DEFAULT_DRAFTER_HEAD):
+                 drafter_head: str = DEFAULT_DRAFTER_HEAD,
+                 policy: controller.Policy | None = None):
+        if policy is not None:
+            mode = policy.mode
         check_choice("mode", mode, MODES)
         check_choice("drafter", drafter, SCHEMES)
         check_choice("drafter_head", drafter_head, DRAFTER_HEADS)
@@ -68,8 +75,9 @@ class SpecRollout:
         self.ex = resolve_execution(kernels, self.mesh, layout)
         self.kernels, self.layout = self.ex.backend, self.ex.layout
         self.costs = _with_drafter_head(controller.ModelCosts.from_config(config, drafter), config, drafter_head)
-        self.policy = controller.make_policy(mode, self.costs, draft_length=draft_length, calibration=calibration,
-                                             seed=seed)
+        self._policy = policy or controller.make_policy(mode, self.costs, draft_length=draft_length,
+                                                        calibration=calibration, seed=seed)
+        self._logps = jax.jit(functools.partial(_teacher_forced_logps, config), static_argnums=(3, 4))
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
                              max_new_tokens=max_new_tokens, ex=self.ex,
                              kv_budget_bytes=kv_budget_bytes, forced_acceptance=forced_acceptance)
@@ -88,15 +96,20 @@ class SpecRollout:
         return self.config.eos_ids[0] if self.config.eos_ids else None
 
     @property
+    def policy(self) -> controller.Policy:
+        """The policy `mode` (or the constructor's `policy=`) chose; pass another to generate / warmup."""
+        return self._policy
+
+    @property
     def speculates(self) -> bool:
-        return any(g > 0 for g in self.policy.gammas())
+        return _speculates(self.policy)
 
     def update_params(self, weights) -> None:
         """Swap in new policy weights (no recompile) and re-derive the drafter from them."""
         validate_weights(self.config, weights, "update_params: weights")
-        bad = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(weights)
-               if not bool(jnp.isfinite(a).all())]
-        if bad:
+        if not bool(_all_finite(weights)):  # one reduction, one host sync; name the leaves only on failure
+            bad = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(weights)
+                   if not bool(jnp.isfinite(a).all())]
             raise ValueError(f"update_params: non-finite values (NaN/inf) in {bad}; refusing these weights")
         dt = self.config.jnp_dtype
         weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), weights)
@@ -111,17 +124,28 @@ class SpecRollout:
             self.drafter = jax.block_until_ready(self._execution_layout(drafter))
             self.derive_seconds.append(time.perf_counter() - t0)
 
+    def _policy_for(self, policy: controller.Policy | None) -> controller.Policy:
+        """`policy` (or the rollout's own); a speculating one needs the drafter a speculating mode derives."""
+        policy = policy or self.policy
+        if _speculates(policy) and self.drafter is None:
+            raise ValueError(f"a {policy.mode!r} policy speculates, but this SpecRollout (mode {self.mode!r}) derived "
+                             f"no drafter; create it with a speculating mode (or policy=)")
+        return policy
+
     def _execution_layout(self, weights):
         return unstack_layers(weights) if self.layout == "unstacked" else weights
 
     def generate(self, prompts: Sequence, rollout_config: RolloutConfig | None = None, *,
                  min_new_tokens: Sequence[int] | None = None, max_new_tokens: Sequence[int] | None = None,
-                 progress: Callable[[int], None] | None = None, trace_path: str | None = None) -> RolloutOutput:
+                 progress: Callable[[int], None] | None = None, trace_path: str | None = None,
+                 policy: controller.Policy | None = None) -> RolloutOutput:
         """Sample completions. prompts: strings (tokenized; chat template when the config asks) or token
         id lists. `min_new_tokens` (per row) suppresses EOS before that many tokens (benchmarks);
         `max_new_tokens` (per row, each <= the rollout config's limit) ends each row at its own length.
-        `trace_path` appends one JSON line per engine step (time, bucket, rows, context, γ, tokens, intensity)."""
+        `trace_path` appends one JSON line per engine step (a controller.StepRecord's to_dict: time, bucket, rows,
+        context, γ, tokens, acceptance, intensity). `policy`: this call's policy (default: the rollout's own)."""
         rc = rollout_config or RolloutConfig()
+        policy = self._policy_for(policy)
         token_prompts = self._prompt_tokens(prompts, rc)
         max_new = rc.max_new_tokens or self.engine.max_new_tokens
         if max_new > self.engine.max_new_tokens:
@@ -140,23 +164,26 @@ class SpecRollout:
         try:
             out = self.engine.run(self.weights, self.drafter, token_prompts, rc.sampling, seed=rc.seed,
                                   eos_ids=eos, max_new=limit, min_new=min_new,
-                                  policy=self.policy, costs=self.costs, pad_id=self.pad_id, progress=progress,
-                                  trace=trace_file and (lambda rec: trace_file.write(json.dumps(rec) + "\n")))
+                                  policy=policy, costs=self.costs, pad_id=self.pad_id, progress=progress,
+                                  trace=trace_file and (lambda rec: trace_file.write(json.dumps(rec.to_dict()) + "\n")))
         finally:
             if trace_file:
                 trace_file.close()
-        out.stats.update(mode=self.mode, kernels=self.kernels, kv_cache_bytes=self.engine.kv_bytes,
+        out.stats.update(mode=policy.mode, kernels=self.kernels, kv_cache_bytes=self.engine.kv_bytes,
                          drafter_bytes=self.drafter_bytes, compile_count=self.engine.compile_count,
                          drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None,
                          forced_acceptance=self.engine.forced_acceptance)
         return out
 
-    def warmup(self, rollout_config: RolloutConfig | None = None, prompt_lens=None) -> int:
-        """Pre-compile every (batch bucket, γ) step the policy may choose, every compaction, and prefill for
-        the prompt buckets of `prompt_lens` (default: max_prompt_len). Returns the executables added."""
+    def warmup(self, rollout_config: RolloutConfig | None = None, prompt_lens=None,
+               policy: controller.Policy | None = None) -> int:
+        """Pre-compile every (batch bucket, γ) step the policy (default: the rollout's own) may choose, every
+        compaction, and prefill for the prompt buckets of `prompt_lens` (default: max_prompt_len). Returns the
+        executables added."""
         rc = rollout_config or RolloutConfig()
+        policy = self._policy_for(policy)
         eos = self.config.eos_ids if rc.eos_ids is None else rc.eos_ids
-        return self.engine.warmup(self.weights, self.drafter, self.policy.gammas(), rc.sampling, eos, prompt_lens)
+        return self.engine.warmup(self.weights, self.drafter, policy.gammas(), rc.sampling, eos, prompt_lens)
 
     def get_per_token_logps(self, prompt_tokens, completion_tokens, temperature: float = 1.0,
                             top_k: int | None = None, top_p: float = 1.0):
@@ -169,8 +196,7 @@ class SpecRollout:
         self._check_ids(np.concatenate([p, c], 1))
         sc = RolloutConfig(temperature=temperature, top_k=top_k, top_p=top_p).sampling
         seq = jnp.asarray(np.concatenate([p, c], axis=1))
-        logits = forward(self.config, self.weights, seq)[:, p.shape[1] - 1: -1]
-        return np.asarray(token_logprob(reported_log_probs(logits, sc), jnp.asarray(c)))
+        return np.asarray(self._logps(self.weights, seq, jnp.asarray(c), p.shape[1], sc))
 
     # -- sizes, compile cache --------------------------------------------------------------------------
     @property
@@ -193,7 +219,7 @@ class SpecRollout:
                              f"vocabulary [0, {self.config.vocab_size})")
 
     def _prompt_tokens(self, prompts, rc: RolloutConfig) -> list[list[int]]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
             raise ValueError("prompts must be a list of strings or of token-id lists")
         if len(prompts) == 0:
             raise ValueError("prompts is empty; pass at least one prompt")
@@ -216,3 +242,18 @@ class SpecRollout:
             self._check_ids(np.asarray(ids))
             out.append(ids)
         return out
+
+
+def _teacher_forced_logps(config: ModelConfig, weights, seq, completion, prompt_len: int, sampling):
+    """Log-probs of `completion` (the last C tokens of `seq`) under the sampler's processing (jitted)."""
+    logits = forward(config, weights, seq)[:, prompt_len - 1: -1]
+    return token_logprob(reported_log_probs(logits, sampling), completion)
+
+
+@jax.jit
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in jax.tree_util.tree_leaves(tree)]))
+
+
+def _speculates(policy) -> bool:
+    return any(g > 0 for g in policy.gammas())

@@ -18,11 +18,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from er_jax.config import ModelConfig
+from er_jax.weight_spec import mesh_axes
 
 AXES = ("data", "model")
-COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # [L, in, out]: out split
-ROW = ("wo", "w_down")  # [L, in, out]: in split
-BIAS = ("bq", "bk", "bv")  # [L, out]: split like their column-parallel weights
 
 
 @dataclass(frozen=True)
@@ -89,39 +87,31 @@ def check_mesh(config: ModelConfig, mesh: Mesh, drafter: str | None = "int4", gr
                                  f"of {group_size}; use a smaller model axis or the int8 drafter")
 
 
-def _spec(path: tuple[str, ...], ndim: int) -> P:
-    """PartitionSpec of one weight leaf (or QuantArray field) from its path in the weights pytree."""
-    name = path[-1]
-    if name in COLUMN:
-        return P(*([None] * (ndim - 1)), "model")
-    if name in ROW:
-        return P(*([None] * (ndim - 2)), "model", None)
-    if name in BIAS:
-        return P(*([None] * (ndim - 1)), "model")
-    if name == "lm_head":
-        return P(None, "model")
-    if name == "embed":
-        return P("model", None)  # vocab rows; the lookup gathers across shards
-    return P()
-
-
 def _key(entry) -> str:
     return str(getattr(entry, "key", getattr(entry, "name", entry)))
 
 
-def weight_shardings(weights, mesh: Mesh):
-    """NamedShardings for a weights (or drafter) pytree. QuantArray fields follow their projection:
-    int4 packed rows, scales and zeros share the split of the input rows (row-parallel) or of the columns."""
+def weight_shardings(weights, mesh: Mesh, config: ModelConfig | None = None):
+    """NamedShardings for a weights (or drafter) pytree, from the logical axes of er_jax.weight_spec mapped by
+    weight_spec.MESH_AXIS. A leaf is found by its name in the pytree; a QuantArray field (int4 packed rows,
+    scales, zero points) follows its projection's axes, and a dimension of size 1 (int8's per-column scale) is
+    not split. `config` is not needed (the axes do not depend on sizes)."""
+    from er_jax.weight_spec import leaf_specs
+
+    specs = leaf_specs(config or _AXES_CONFIG)
+
     def leaf_spec(path, leaf):
-        keys = tuple(_key(p) for p in path)
-        names = [k for k in keys if k in COLUMN + ROW + BIAS or k in ("lm_head", "embed")]
-        proj = names[-1] if names else keys[-1]
-        spec = _spec((proj,), leaf.ndim)
-        if proj in ROW and keys[-1] == "scale" and leaf.shape[-2] == 1:  # int8 per-channel scale [L, 1, N]
-            spec = P()
-        return NamedSharding(mesh, spec)
+        names = [k for k in (_key(p) for p in path) if k in specs]
+        if not names:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*mesh_axes(specs[names[-1]], tuple(leaf.shape))))
 
     return jax.tree_util.tree_map_with_path(leaf_spec, weights)
+
+
+# Any config with biases and an LM head: the logical axes of every possible leaf.
+_AXES_CONFIG = ModelConfig(vocab_size=2, hidden_size=2, intermediate_size=2, num_layers=1, num_heads=1,
+                           num_kv_heads=1, head_dim=2, qkv_bias=True, tie_embeddings=False)
 
 
 def shard_weights(weights, mesh: Mesh):
@@ -191,10 +181,3 @@ def to_host(tree):
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def describe(mesh: Mesh) -> dict:
-    return {"data": int(mesh.shape["data"]), "model": int(mesh.shape["model"]),
-            "devices": [str(d) for d in mesh.devices.reshape(-1)]}
-
-

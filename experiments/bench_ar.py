@@ -9,7 +9,7 @@ not stop either), in f32. Writes experiments/results/bench_ar_<machine>.json and
 
 With --presets (for a GPU; the SmolLM2 / transformers comparison is skipped): random weights of a real model's
 shapes in the backend's dtype (bf16 on GPU), the engine's jitted AR step timed at each batch size with
---context cached tokens per row (er_jax.calibration.sweep), against the memory roofline: weight bytes +
+--context cached tokens per row (er_jax.sweep.sweep), against the memory roofline: weight bytes +
 the K/V the step reads, over the measured copy bandwidth.
 """
 from __future__ import annotations
@@ -67,12 +67,14 @@ def hf_run(m_path, gguf_file, ids, new_tokens, reps, pad_id):
 
 def preset_rows(presets, batches, context: int, reps: int, bw: float) -> list[dict]:
     """AR step time of random-weight real-size shapes vs the memory roofline (one row per preset x batch)."""
-    from er_jax.calibration import resolve_model, sweep
+    from er_jax.cli.common import default_dtype
+    from er_jax.io.registry import load_model
+    from er_jax.sweep import sweep
     from er_jax.controller import ModelCosts
 
     rows = []
     for name in presets:
-        m = resolve_model(preset=name)
+        m = load_model(preset=name, dtype=default_dtype())
         costs = ModelCosts.from_config(m.config)
         for rec in sweep(m.config, m.weights, batches=batches, contexts=[context], gammas=[0], reps=reps,
                          progress=False):

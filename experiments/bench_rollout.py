@@ -19,7 +19,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def main(argv=None) -> int:
-    from er_jax.calibration import add_bench_rollout_args, run_bench_rollout
+    from er_jax.cli.bench import add_bench_rollout_args, run_bench_rollout
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_rollout_args(ap)

@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from er_jax.calibration import machine, machine_tag  # noqa: F401  (one definition, re-exported here)
+from er_jax.bench import machine, machine_tag  # noqa: F401  (one definition, re-exported here)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

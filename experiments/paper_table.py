@@ -50,7 +50,7 @@ PRESETS = {
     "gpu": dict(model="smollm2", task="arithmetic", prompts_per_step=32, samples=8, max_new_tokens=512, steps=30,
                 lr=1e-6, dtype="float32", layout=None, max_operand=20, noise_seeds=2),
     # The from-scratch setting: seconds per step on a CPU.
-    "tiny": dict(model="tiny", task="tiny", prompts_per_step=4, samples=8, max_new_tokens=16, steps=20, lr=5e-3,
+    "tiny": dict(model="preset:tiny-rl", task="tiny", prompts_per_step=4, samples=8, max_new_tokens=16, steps=20, lr=5e-3,
                  dtype="float32", layout="stacked", max_operand=None, noise_seeds=4),
 }
 
@@ -90,9 +90,10 @@ def make_trainers(args, specs):
 
     from er_jax.rl.grpo import GRPOConfig, Trainer
     from er_jax.rl.tasks import make_task
-    from er_jax.rl.train import build_model
+    from er_jax.io.registry import load_model
 
-    config, weights, tokenizer = build_model(args.model, args.seed, args.dtype)
+    m = load_model(args.model, args.dtype, seed=args.seed)
+    config, weights, tokenizer = m.config, m.weights, m.tokenizer
     weights = jax.tree_util.tree_map(lambda a: a.astype(config.jnp_dtype), weights)
     trainers = {}
     for name, mode, sampling_seed in specs:

@@ -9,7 +9,7 @@ from er_jax.model import init_weights
 
 def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=16, rope_theta=10000.0, qkv_bias=True, eos_ids=(3,), name="tiny")
+                head_dim=16, rope_theta=10000.0, qkv_bias=True, eos_ids=(3,), name="tiny-test")
     base.update(kw)
     return ModelConfig(**base)
 

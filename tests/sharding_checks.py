@@ -52,7 +52,7 @@ def check_pallas_kernels_per_shard():
                                max_new_tokens=8, mesh=mc, kernels="pallas")
         out = r.generate(prompts, rc)
         np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"{mc} pallas {drafter}")
-        st = r.engine._initial_state(4, 4, 0, np.full(4, 8, np.int32), np.zeros(4, np.int32))
+        st = r.engine.initial_state(4, 4, 0, np.full(4, 8, np.int32), np.zeros(4, np.int32))
         spec = StepSpec(CFG, rc.sampling, CFG.eos_ids, r.ex)
         jaxpr = str(jax.make_jaxpr(functools.partial(sd_step, spec, 3))(r.weights, r.drafter, st))
         assert "shard_map" in jaxpr and "pallas_call" in jaxpr
@@ -73,7 +73,7 @@ def check_logprobs():
 def check_cache_is_split():
     mesh = MeshConfig(2, 4).make()
     r = er_jax.SpecRollout(CFG, W, mode="ar", max_batch=4, max_prompt_len=8, max_new_tokens=4, mesh=mesh)
-    st = r.engine._initial_state(4, 4, 0, np.full(4, 4, np.int32), np.zeros(4, np.int32))
+    st = r.engine.initial_state(4, 4, 0, np.full(4, 4, np.int32), np.zeros(4, np.int32))
     assert st.cache.k.sharding.is_equivalent_to(cache_sharding(mesh), 5)
     shard = st.cache.k.addressable_shards[0].data.shape
     assert shard == (CFG.num_layers, 2, r.engine.max_len, 2, CFG.head_dim), shard

@@ -1,5 +1,6 @@
-"""Calibration and rollout-benchmark commands (er_jax.calibration), run in-process through the CLI on the
-"tiny" preset: sweep -> calibrate -> validate / predict / plot, bench rollout, and compile accounting."""
+"""Calibration and rollout-benchmark commands (er_jax.sweep / calibfile / bench / plots behind er_jax.cli), run
+in-process through the CLI on the "tiny-bench" preset: sweep -> calibrate -> validate / predict / plot, bench
+rollout, and compile accounting."""
 import csv
 import json
 
@@ -7,13 +8,14 @@ import numpy as np
 import pytest
 
 import er_jax
-from er_jax import calibration, controller
-from er_jax.config import MODES
+from er_jax import bench, calibfile, controller, sweep
 from er_jax.cli import main
+from er_jax.config import MODES
+from er_jax.io.registry import load_model
 from er_jax.rollout import SpecRollout
 from tests.helpers import tiny_model
 
-TINY = ["--preset", "tiny", "--layers", "1"]
+TINY = ["--preset", "tiny-bench", "--layers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -35,29 +37,46 @@ def calib_json(sweep_csv, tmp_path_factory):
 def test_sweep_csv_columns_and_rows(sweep_csv):
     with open(sweep_csv, newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == calibration.CSV_FIELDS
+        assert tuple(reader.fieldnames) == sweep.CSV_FIELDS
         rows = list(reader)
     cells = {(r["kind"], int(r["batch"]), int(float(r["context"])), int(r["gamma"])) for r in rows}
     want = {(k, 1, 16, g) for k, g in (("ar", 0), ("draft", 2), ("verify", 2), ("sd", 2))}
     assert cells == want and len(rows) == len(want)
     for r in rows:
         assert float(r["wall_s"]) > 0
-        if r["kind"] == "sd":
-            assert 1.0 <= float(r["tau"]) <= 3.0  # γ = 2: between 1 and γ + 1 tokens per row
-        else:
-            assert r["tau"] == ""
-    parsed = calibration.read_csv(sweep_csv)
+        assert (r["tau"] == "") == (r["kind"] != "sd")  # τ is measured on SD steps only
+    parsed = sweep.read_csv(sweep_csv)
     assert [controller.as_timing(r).kind for r in parsed] == [r["kind"] for r in rows]
 
 
+def test_sweep_tau_counts_every_accepted_draft():
+    """A drafter identical to the target (weights on the int8 grid, so int8 quantization is exact) decoding
+    greedily accepts every draft: the sweep's τ must be exactly γ + 1 (an off-by-one or a miscount fails)."""
+    import jax
+
+    m = load_model(preset="tiny-bench", layers=1, dtype="float32")
+    rng = np.random.default_rng(0)
+    layers = dict(m.weights["layers"])
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        codes = rng.integers(-127, 128, layers[name].shape)
+        codes[..., 0, :] = 127  # every output column's max |w| is 127 grid steps: scale = 2^-8 exactly
+        layers[name] = jax.numpy.asarray(codes * 2.0 ** -8, jax.numpy.float32)
+    w = {**m.weights, "layers": layers}
+    for gamma in (2, 3):
+        rows = sweep.sweep(m.config, w, batches=[2], contexts=[16], gammas=[gamma], drafter="int8", reps=1,
+                           warmup=1, temperature=0.0, layout="stacked", progress=False)
+        (sd,) = [r for r in rows if r["kind"] == "sd"]
+        assert sd["tau"] == gamma + 1, sd
+
+
 def test_calibrate_writes_a_loadable_calibration(calib_json):
-    hw, records, costs = calibration.load(calib_json)
+    hw, records, costs = calibfile.load(calib_json)
     assert hw.platform == controller.current_platform() and len(records) == 4
     assert costs == controller.ModelCosts.from_config(
-        calibration.resolve_model(preset="tiny", layers=1, weights=False).config, "int4")
+        load_model(preset="tiny-bench", layers=1, weights=False).config, "int4")
     assert controller.load_calibration(calib_json)[0] == hw  # the controller reads it as well
     with open(calib_json) as f:
-        assert json.load(f)["model"]["source"] == "preset:tiny,layers=1"
+        assert json.load(f)["model"]["source"] == "preset:tiny-bench,layers=1"
 
 
 def test_validate_predict_plot(sweep_csv, calib_json, tmp_path, capsys):
@@ -71,10 +90,17 @@ def test_validate_predict_plot(sweep_csv, calib_json, tmp_path, capsys):
         v = json.load(f)
     assert set(v["mape"]) == {"ar", "draft", "verify", "sd"} and len(v["decisions"]) == 1
 
-    assert main(["predict", "--calibration", calib_json, "--batch", "4", "--context", "512", "--gamma", "3",
-                 "--tau", "2.5"]) == 0
-    text = capsys.readouterr().out
-    assert all(s in text for s in ("T_T", "T_D", "T_V", "speedup", "decision: SD o"))
+    pj = str(tmp_path / "p.json")
+    for tau in ("1.0", "4.0"):  # the decision printed is the one the predicted speedup implies
+        assert main(["predict", "--calibration", calib_json, "--batch", "4", "--context", "512", "--gamma", "3",
+                     "--tau", tau, "--json", pj]) == 0
+        text = capsys.readouterr().out
+        with open(pj) as f:
+            p = json.load(f)
+        want = "SD on" if p["speedup"] >= 1 + p["epsilon"] else "SD off (plain decoding)"
+        assert p["decision"] == want and f"decision: {want}\n" in text
+        assert all(s in text for s in ("T_T", "T_D", "T_V", "speedup"))
+        assert f"{p['speedup']:9.3f}" in text
 
     png = tmp_path / "boundary.png"
     assert main(["plot", "--calibration", calib_json, "--csv", sweep_csv, "--gamma", "2", "--out", str(png)]) == 0
@@ -84,12 +110,12 @@ def test_validate_predict_plot(sweep_csv, calib_json, tmp_path, capsys):
 def test_predict_point_matches_the_controller():
     costs = controller.ModelCosts.from_config(er_jax.SHAPE_PRESETS["qwen2.5-7b"].replace(dtype="bfloat16"))
     hw = controller.defaults_for("gpu")
-    p = calibration.predict_point(hw, costs, 2, 2048, 5, 5.0)
+    p = calibfile.predict_point(hw, costs, 2, 2048, 5, 5.0)
     assert p["speedup"] == pytest.approx(controller.speedup(hw, costs, 2, 2048, 5, 5.0))
     assert p["decision"] == ("SD on" if p["speedup"] >= 1.05 else "SD off (plain decoding)")
     assert p["breakeven_tau"] == pytest.approx(1.05 * p["sd_step"] / p["T_T"])
     with pytest.raises(ValueError, match="τ must be in"):
-        calibration.predict_point(hw, costs, 2, 2048, 5, 7.0)
+        calibfile.predict_point(hw, costs, 2, 2048, 5, 7.0)
 
 
 def test_bad_input_is_refused(tmp_path, capsys):
@@ -103,12 +129,12 @@ def test_bad_input_is_refused(tmp_path, capsys):
 
 
 def test_workload_is_deterministic_and_long_tailed():
-    m = calibration.resolve_model(preset="tiny", weights=False)
-    p1, l1 = calibration.workload(m, 8, 8, median_len=40, sigma=0.8, max_new=400, seed=3)
-    p2, l2 = calibration.workload(m, 8, 8, median_len=40, sigma=0.8, max_new=400, seed=3)
+    m = load_model(preset="tiny-bench", weights=False)
+    p1, l1 = bench.workload(m, 8, 8, median_len=40, sigma=0.8, max_new=400, seed=3)
+    p2, l2 = bench.workload(m, 8, 8, median_len=40, sigma=0.8, max_new=400, seed=3)
     assert p1 == p2 and (l1 == l2).all() and len(p1) == 64 and p1[0] == p1[7] != p1[8]
     assert 4 <= l1.min() and l1.max() <= 400 and l1.max() > 2.5 * np.median(l1)  # a long tail
-    assert calibration.workload(m, 2, 2, lengths="natural")[1] is None
+    assert bench.workload(m, 2, 2, lengths="natural")[1] is None
 
 
 def test_bench_rollout_end_to_end(tmp_path):
@@ -151,9 +177,13 @@ def test_no_recompile_after_warmup(mode):
     lengths compile nothing. (One batch bucket keeps this fast; test_bench_rollout_end_to_end covers
     compaction between buckets for every mode.)"""
     cfg, w = tiny_model(num_layers=1)
-    r = SpecRollout(cfg, w, mode=mode, draft_length=2, max_batch=1, max_prompt_len=8, max_new_tokens=6)
-    if mode in ("adaptive", "auto"):  # the same policy with a short ladder (fewer executables to compile)
-        r.policy = controller.make_policy(mode, r.costs, draft_length=2, ladder=(2,))
+    # adaptive / auto: the same policy with a short ladder (fewer executables to compile), via policy=
+    policy = (controller.make_policy(mode, controller.ModelCosts.from_config(cfg), draft_length=2, ladder=(2,))
+              if mode in ("adaptive", "auto") else None)
+    r = SpecRollout(cfg, w, mode=mode, draft_length=2, max_batch=1, max_prompt_len=8, max_new_tokens=6, policy=policy)
+    assert r.mode == mode and r.policy.mode == mode
+    with pytest.raises(AttributeError):
+        r.policy = controller.make_policy("ar", r.costs)  # a policy is chosen by the constructor or generate(policy=)
     r.warmup(er_jax.RolloutConfig(seed=0), prompt_lens=[3, 8])
     compiled = r.compile_count
     for i, (prompts, limit) in enumerate([([[1, 2, 3]], [6]), ([[7, 8, 9, 10, 11]], [5]), ([[1] * 8], [1])]):

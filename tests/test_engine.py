@@ -96,10 +96,16 @@ def test_compaction_and_compile_count(model):
     active = out.stats["active_per_step"]
     assert active[0] <= 7 and min(active) < 4, active  # rows finish at different steps
     count = eng.compile_count
-    for seed in (1, 2, 3):
-        run(eng, w, d, prompts, SamplingConfig(1.0), 2, eos=(3, 5, 9), seed=1)
-    assert eng.compile_count == count  # the same buckets never compile twice
     assert count <= 1 + 4 + 3 * 2  # prefill + SD per bucket (8,4,2,1) + compactions
+    # Compile every bucket, step and compaction up front; then rollouts under other seeds (whose rows finish at
+    # other steps, so they compact differently) must not compile anything.
+    eng.warmup(w, d, (2,), SamplingConfig(1.0), (3, 5, 9), prompt_lens=[len(p) for p in prompts])
+    warm = eng.compile_count
+    lengths = {tuple(out.lengths)}
+    for seed in (2, 3, 4):
+        lengths.add(tuple(run(eng, w, d, prompts, SamplingConfig(1.0), 2, eos=(3, 5, 9), seed=seed).lengths))
+        assert eng.compile_count == warm, f"seed {seed} compiled something new"
+    assert len(lengths) > 1  # the seeds really changed the rollouts
 
 
 def test_kv_budget_is_enforced_up_front():

@@ -19,14 +19,17 @@ def test_buckets_split_evenly_over_data_parallel_shards():
 
 
 def test_mesh_that_cannot_split_the_model_is_refused():
-    from er_jax.sharding import MeshConfig, check_mesh
     import jax
+
+    from er_jax.sharding import MeshConfig, check_mesh
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=16)
-    mesh = jax.sharding.Mesh([[jax.devices()[0]]], ("data", "model"))
+    one = jax.devices()[:1]  # the refusal is tested against an explicit device list, whatever this process has
+    mesh = jax.sharding.Mesh([one], ("data", "model"))
     check_mesh(cfg, mesh)  # model=1 always fits
-    with pytest.raises(ValueError, match="needs 8 devices"):
-        MeshConfig(4, 2).make()
+    with pytest.raises(ValueError, match="needs 8 devices, only 1 are visible"):
+        MeshConfig(4, 2).make(one)
+    assert MeshConfig(1, 1).make(one).devices.size == 1
     fake = type("M", (), {"shape": {"data": 1, "model": 4}})()
     with pytest.raises(ValueError, match="num_kv_heads=2"):
         check_mesh(cfg, fake)
@@ -58,17 +61,19 @@ def test_mesh_flag_and_data_parallel_split_are_validated(monkeypatch, capsys, tm
     task = TinyCopyTask(cfg.vocab_size)
     with pytest.raises(ValueError, match="not divisible"):  # refused before the devices are asked for
         Trainer(cfg, None, task, g, mesh=MeshConfig(4, 1))
-    with pytest.raises(ValueError, match="needs 2 devices"):
-        Trainer(cfg, None, task, g, mesh=MeshConfig(2, 1))
+    import jax
+    more = jax.device_count() + 1  # one device more than this process has, however many that is
+    with pytest.raises(ValueError, match=f"needs {more} devices"):
+        Trainer(cfg, None, task, GRPOConfig(prompts_per_step=more, samples=2), mesh=MeshConfig(more, 1))
 
     for k in ("ER_JAX_COORDINATOR", "ER_JAX_NUM_PROCESSES", "ER_JAX_PROCESS_ID", "ER_JAX_DISTRIBUTED"):
         monkeypatch.delenv(k, raising=False)
-    train = ["train", "--model", "tiny", "--task", "tiny", "--out", str(tmp_path / "run"), "--no-progress"]
+    train = ["train", "--preset", "tiny-rl", "--task", "tiny", "--out", str(tmp_path / "run"), "--no-progress"]
     assert main(train + ["--mesh", "2x4"]) == 2
     assert "--mesh must be DATA,MODEL" in capsys.readouterr().err
     assert main(train + ["--distributed"]) == 2
     assert "--distributed needs ER_JAX_COORDINATOR" in capsys.readouterr().err
-    assert main(["bench", "rollout", "--preset", "tiny", "--mesh", "4"]) == 2
+    assert main(["bench", "rollout", "--preset", "tiny-bench", "--mesh", "4"]) == 2
     assert "--mesh must be DATA,MODEL" in capsys.readouterr().err
 
 

@@ -13,15 +13,13 @@ from er_jax.config import ModelConfig
 
 
 def source_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of each (per-layer) tensor as both file formats store it: `[out, in]` projections, `[V, D]` tables."""
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"embed": (v, d), "final_norm": (d,), "lm_head": (v, d), "attn_norm": (d,), "mlp_norm": (d,),
-              "wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd),
-              "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f)}
-    if config.qkv_bias:
-        shapes.update(bq=(qd,), bk=(kvd,), bv=(kvd,))
-    return shapes
+    """Shape of each (per-layer) tensor as both file formats store it: `[out, in]` projections, `[V, D]` tables
+    (er_jax.weight_spec.file_shape of every leaf; "lm_head" is listed even for tied embeddings, whose files
+    may still carry one)."""
+    from er_jax.weight_spec import file_shape, leaf_specs
+
+    specs = leaf_specs(config.replace(tie_embeddings=False))
+    return {name: file_shape(name, s) for name, s in specs.items()}
 
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")

@@ -90,7 +90,8 @@ class GRPOConfig:
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
         if self.micro_batch is not None and (self.micro_batch < 1 or self.rows % self.micro_batch):
-            raise ValueError(f"micro_batch must divide prompts_per_step * samples = {self.rows}, got {self.micro_batch}")
+            raise ValueError(f"micro_batch must divide prompts_per_step * samples = {self.rows}, "
+                             f"got {self.micro_batch}")
         if self.fidelity_check not in ("first", "every", "off"):
             raise ValueError(f"fidelity_check must be 'first', 'every' or 'off', got {self.fidelity_check!r}")
         if self.save_every < 0:
