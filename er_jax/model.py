@@ -34,17 +34,30 @@ def rope(x, positions, theta):
     return out.astype(x.dtype)
 
 
-def linear(x, w, ex: Execution, name: str | None = None):
+def linear(x, w, ex: Execution, name: str | None = None, layer=None):
     """x @ w through the execution's backend: a QuantArray (the drafter's projection `name`) goes to the
-    quantized matmul op, a dense array to the dense one."""
+    quantized matmul op, a dense array to the dense one. With `layer`, w is the whole stacked [L, K, N]
+    QuantArray and the op reads layer `layer` of it in place (only for ops with `reads_stacked`)."""
+    if layer is not None:
+        return ex.op("quant_matmul")(x, w, ex=ex, name=name, layer=layer)
     return ex.op("quant_matmul" if isinstance(w, QuantArray) else "matmul")(x, w, ex=ex, name=name)
 
 
-def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution):
+def _read_in_place(layers, ex: Execution) -> dict:
+    """The stacked QuantArray projections (the drafter's) that this backend's quantized matmul reads in
+    place from the stack (`layer=`), instead of the scan slicing a per-layer copy to feed its custom call."""
+    if not getattr(ex.op("quant_matmul"), "reads_stacked", False):
+        return {}
+    return {n: w for n, w in layers.items() if isinstance(w, QuantArray)}
+
+
+def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution, stacked=None, layer=None):
     """One decoder layer. `kv_write(k_new, v_new) -> (k, v, layer)` stores this layer's new K/V and
     returns the keys/values to attend over: one layer's [B, S, KV, hd], or the stacked cache with `layer`
-    (a backend's attention may then read the layer in place instead of a sliced copy)."""
-    mm = lambda y, n: linear(y, lw[n], ex, n)
+    (a backend's attention may then read the layer in place instead of a sliced copy). `stacked`: the
+    projections passed whole ([L, ...], see `_read_in_place`), read at layer `layer`."""
+    stacked = stacked or {}
+    mm = lambda y, n: linear(y, stacked[n], ex, n, layer) if n in stacked else linear(y, lw[n], ex, n)
     b, t, _ = x.shape
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
     y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
@@ -100,6 +113,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
             x, _ = jax.lax.scan(body, x, layers)
     else:
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        in_place = {} if unstacked else _read_in_place(layers, ex)
 
         def body(carry, xs):
             x, k_all, v_all = carry
@@ -111,7 +125,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
                 v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
                 return k_all, v_all, i
 
-            x = _layer(config, lw, x, positions, kv_write, ex)
+            x = _layer(config, lw, x, positions, kv_write, ex, in_place, i)
             return (x, k_all, v_all), None
 
         carry = (x, cache.k, cache.v)
@@ -119,7 +133,8 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
             for i, lw in enumerate(layers):
                 carry, _ = body(carry, (i, lw))
         else:
-            carry, _ = jax.lax.scan(body, carry, (jnp.arange(config.num_layers), layers))
+            scanned = {n: w for n, w in layers.items() if n not in in_place}
+            carry, _ = jax.lax.scan(body, carry, (jnp.arange(config.num_layers), scanned))
         x, k_all, v_all = carry
         cache = KVCache(k_all, v_all, cache.lengths)
 
