@@ -12,6 +12,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # The named choices a user makes, each defined once (argparse `choices`, validation and docs use these).
 MODES = ("ar", "sd", "toggle", "adaptive", "auto")  # see er_jax.controller.policies
 SCHEMES = ("int4", "int8")  # drafter weight formats, see er_jax.quant
+DRAFTER_HEADS = ("shared", "int8")  # the drafter's LM head: the target's own, or int8 per vocab row (er_jax.quant)
 BACKENDS = ("xla", "pallas", "native")  # op implementations, see er_jax.kernels.registry
 LAYOUTS = ("stacked", "unstacked")  # layer weights: stacked and scanned, or a per-layer tuple (CPU)
 

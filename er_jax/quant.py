@@ -6,6 +6,8 @@
 
 `derive_drafter(weights, scheme)` replaces the seven projections by `QuantArray`s and shares every other
 leaf (embeddings, LM head, norms, biases) with the target: the same array objects, not copies.
+`head="int8"` also gives the drafter its own int8 LM head (`lm_head_q`: the target's head, or the tied
+embedding transposed, [D, V] with one scale per vocabulary entry); the target keeps its own.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from er_jax.config import SCHEMES, check_choice
+from er_jax.config import DRAFTER_HEADS, SCHEMES, check_choice
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -97,15 +99,37 @@ def _quantize_projections(layers, scheme: str, group_size: int):
     return {n: quantize_int4(layers[n], group_size) for n in PROJECTIONS}
 
 
-def derive_drafter(weights, scheme: str = "int4", group_size: int = 128):
-    """The self-drafter: a pure function of the current weights (re-derive after every update)."""
+@jax.jit
+def _quantize_head(head):
+    return quantize_int8(head)
+
+
+def drafter_head_matrix(weights):
+    """The LM head as a [D, V] matrix: `lm_head`, or the tied embedding transposed."""
+    return weights["lm_head"] if "lm_head" in weights else weights["embed"].T
+
+
+def derive_drafter(weights, scheme: str = "int4", group_size: int = 128, head: str = "shared"):
+    """The self-drafter: a pure function of the current weights (re-derive after every update).
+    head: "shared" (the target's LM head, same arrays) or "int8" (a per-vocab-row int8 copy in
+    `lm_head_q`, read by `model.logits_from_hidden` through the backend's quant_matmul op)."""
     check_choice("drafter scheme", scheme, SCHEMES)
+    check_choice("drafter head", head, DRAFTER_HEADS)
     layers = weights["layers"]
     missing = [n for n in PROJECTIONS if n not in layers]
     if missing:
         raise ValueError(f"weights['layers'] lacks projections {missing}; expected {PROJECTIONS}")
     quantized = _quantize_projections({n: layers[n] for n in PROJECTIONS}, scheme, group_size)
-    return {**weights, "layers": {**layers, **quantized}}
+    out = {**weights, "layers": {**layers, **quantized}}
+    if head == "int8":
+        out["lm_head_q"] = _quantize_head(drafter_head_matrix(weights))
+    return out
+
+
+def head_bytes(weights) -> int:
+    """Bytes of a drafter's own LM head (`lm_head_q`), 0 when it shares the target's."""
+    qa = weights.get("lm_head_q")
+    return qa.nbytes if qa is not None else 0
 
 
 def projection_bytes(weights) -> int:
