@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from er_jax.config import SCHEMES
+from er_jax.config import DRAFTER_HEADS, SCHEMES
 from er_jax.config import platform as platform_name
 
 
@@ -23,6 +23,8 @@ def model_args(p: argparse.ArgumentParser, required: bool = True, default_model:
     g.add_argument("--layers", type=int, help="keep only the first N layers (shrinks a model for CPU)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, else bfloat16")
     g.add_argument("--drafter", default="int4", choices=SCHEMES)
+    g.add_argument("--drafter-head", default=None, choices=DRAFTER_HEADS,
+                   help="the drafter's LM head: the target's own (shared) or an int8 copy (default: SpecRollout's)")
     p.set_defaults(default_model=default_model)
 
 
