@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from er_jax.config import ModelConfig
+from er_jax.weight_spec import ITEMSIZE
 
 
 @struct.dataclass
@@ -19,21 +20,13 @@ class KVCache:
     lengths: jax.Array  # int32 [B]: clean target entries per row
 
     @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
     def nbytes(self) -> int:
         return int(self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize)
 
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
     """Bytes of K and V for `batch` rows of `max_len` positions (what `init_cache` would allocate)."""
-    per_entry = config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(config.jnp_dtype).itemsize
+    per_entry = config.num_layers * config.num_kv_heads * config.head_dim * ITEMSIZE[config.dtype]
     return 2 * batch * max_len * per_entry
 
 

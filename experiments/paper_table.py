@@ -158,7 +158,6 @@ def plots(results: dict, tag: str) -> list[str]:
 
     paths = []
     runs = results["runs"]
-    rows = results["config"]["prompts_per_step"] * results["config"]["samples"]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, ms in runs.items():

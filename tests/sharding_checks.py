@@ -6,7 +6,6 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import er_jax  # noqa: E402
@@ -115,8 +114,8 @@ def grpo_trainer(mesh, ckpt_dir=None):
 
 def adam_mu(state):
     import optax
-    return next(s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState)).mu
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+    return next(s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=is_adam) if is_adam(s)).mu
 
 
 def assert_same_step(m, ref, out, ref_out, what):

@@ -1,5 +1,4 @@
 """The decode engine: buckets, compaction, EOS / max_new_tokens, log-probs, compile counts, memory."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

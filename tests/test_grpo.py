@@ -228,7 +228,8 @@ def test_cli_train_writes_metrics_plots_checkpoints_and_resumes(tmp_path):
     from er_jax.cli import main
 
     out = tmp_path / "run"
-    args = ["train", "--preset", "tiny-rl", "--task", "tiny", "--mode", "ar", "--out", str(out), "--prompts-per-step", "2",
+    args = ["train", "--preset", "tiny-rl", "--task", "tiny", "--mode", "ar", "--out", str(out),
+            "--prompts-per-step", "2",
             "--samples", "2", "--max-new-tokens", "4", "--save-every", "1", "--no-warmup", "--no-progress"]
     assert main(args + ["--steps", "2"]) == 0
     assert main(args + ["--steps", "3"]) == 2  # existing checkpoints without --resume: refused

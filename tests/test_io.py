@@ -245,13 +245,14 @@ def test_gguf_unpermute_inverts_llama_cpp_permute():
 
 
 def test_bf16_safetensors_read_without_torch(tmp_path):
+    """A hand-written BF16 file, read through the safetensors package (numpy, no torch)."""
     import ml_dtypes
     a = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
     raw = a.astype(ml_dtypes.bfloat16).view(np.uint16)
     header = json.dumps({"w": {"dtype": "BF16", "shape": [3, 5], "data_offsets": [0, raw.nbytes]}}).encode()
     path = tmp_path / "x.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + raw.tobytes())
-    got = hf_io.read_safetensors(str(path))["w"][2].astype(np.float32)
+    got = hf_io.read_safetensors(str(path))["w"][2]().astype(np.float32)
     np.testing.assert_array_equal(got, a.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 

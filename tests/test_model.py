@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from er_jax.cache import KVCache, cache_bytes, gather_rows, init_cache
-from er_jax.model import forward, init_weights, rope, validate_weights
+from er_jax.model import forward, rope, validate_weights
 from tests.helpers import tiny_model
 
 

@@ -9,46 +9,12 @@ import pytest
 from er_jax.config import SamplingConfig
 from er_jax.sampling import filter_logits
 from er_jax.kernels.rejection import rejection_sample_reference
-from tests.helpers import chi2_pvalue
-
-N = 30_000
-V = 6
-P_MIN = 1e-4
+from tests.helpers import N_SAMPLES as N
+from tests.helpers import P_MIN, V, check_speculative_samples, chi2_pvalue, rejection_pairs
+from tests.helpers import log_or_neg_inf as _log
 
 
-def _dist(rng, zeros=()):
-    p = rng.dirichlet(np.full(V, 0.7))
-    p[list(zeros)] = 0
-    return p / p.sum()
-
-
-def _pairs():
-    """>= 20 (p, q) pairs: random, equal, disjoint supports, one-hot q, zero cells, near-equal, peaked."""
-    rng = np.random.default_rng(0)
-    pairs = []
-    for _ in range(6):
-        pairs.append((_dist(rng), _dist(rng)))
-    p = _dist(rng)
-    pairs.append((p, p.copy()))  # p == q: everything accepted
-    pairs.append((np.array([.5, .5, 0, 0, 0, 0]), np.array([0, 0, .2, .3, .5, 0])))  # disjoint supports
-    pairs.append((np.array([.1, .2, .3, .4, 0, 0]), np.array([0, 0, 0, 0, 0, 1.])))  # disjoint, one-hot q
-    pairs.append((_dist(rng), np.eye(V)[2]))  # one-hot q inside p's support
-    pairs.append((np.eye(V)[1], _dist(rng)))  # one-hot p
-    pairs.append((np.eye(V)[3], np.eye(V)[3]))  # both one-hot, equal
-    pairs.append((_dist(rng, zeros=(0, 5)), _dist(rng, zeros=(1,))))  # zero-probability cells
-    pairs.append((_dist(rng, zeros=(2, 3)), _dist(rng, zeros=(2, 3, 4))))
-    q = _dist(rng)
-    pairs.append((0.98 * q + 0.02 * _dist(rng), q))  # near-equal (acceptance ~ 0.98)
-    pairs.append((np.array([.9, .02, .02, .02, .02, .02]), np.array([.02, .02, .02, .02, .02, .9])))
-    pairs.append((np.full(V, 1 / V), _dist(rng)))
-    pairs.append((_dist(rng), np.full(V, 1 / V)))
-    pairs.append((_dist(rng, zeros=(4,)), _dist(rng, zeros=(4,))))
-    pairs.append((np.array([0, .5, .5, 0, 0, 0]), np.array([0, .1, .9, 0, 0, 0])))
-    pairs.append((np.array([.3, 0, .3, 0, .4, 0]), np.array([.3, .3, 0, .4, 0, 0])))
-    return pairs
-
-
-PAIRS = _pairs()
+PAIRS = rejection_pairs()
 
 
 @functools.partial(jax.jit, static_argnames="sc")
@@ -59,15 +25,6 @@ def _run(key, t_logits, d_logits, sc):
     from er_jax.sampling import log_probs
     d_tok = jax.random.categorical(k_draft, log_probs(d_logits, sc), axis=-1).astype(jnp.int32)
     return rejection_sample_reference(t_logits, d_logits, d_tok, sc, jax.random.split(k_rej, b))
-
-
-def _log(p):
-    return np.where(p > 0, np.log(np.maximum(p, 1e-300)), -np.inf).astype(np.float32)
-
-
-def _residual(p, q):
-    r = np.maximum(p - q, 0)
-    return r / r.sum() if r.sum() > 0 else p
 
 
 def test_at_least_twenty_pairs():
@@ -83,21 +40,7 @@ def test_pair_distributions(i):
     t = np.broadcast_to(np.stack([_log(p0), _log(p1), _log(p2)]), (N, 3, V))
     d = np.broadcast_to(np.stack([_log(q0), _log(q1)]), (N, 2, V))
     n, tok, lp = jax.device_get(_run(jax.random.key(100 + i), jnp.asarray(t), jnp.asarray(d), SamplingConfig(1.0)))
-    count = lambda x: np.bincount(x, minlength=V)
-    checks = [(tok[:, 0], p0), (tok[n >= 1, 1], p1), (tok[n == 0, 0], _residual(p0, q0)),
-              (tok[n == 1, 1], _residual(p1, q1)), (tok[n == 2, 2], p2)]
-    for samples, probs in checks:
-        if len(samples) >= 100:
-            assert chi2_pvalue(count(samples), probs) > P_MIN
-        assert count(samples)[probs == 0].sum() == 0, "a zero-probability token was emitted"
-    from scipy import stats
-    acc = np.minimum(p0, q0).sum()
-    if 0 < acc < 1:
-        assert stats.binomtest(int((n >= 1).sum()), N, acc).pvalue > P_MIN
-    else:
-        assert (n >= 1).mean() == acc
-    # reported log-probs are the target's
-    np.testing.assert_allclose(lp[:, 0], _log(p0)[tok[:, 0]], atol=1e-5)
+    check_speculative_samples(n, tok, lp, (PAIRS[i], PAIRS[(i + 1) % len(PAIRS)], PAIRS[(i + 2) % len(PAIRS)]))
 
 
 @pytest.mark.parametrize("sc", [SamplingConfig(0.7, top_k=3), SamplingConfig(1.3, top_p=0.6),

@@ -127,8 +127,8 @@ def test_bad_rollout_config(kw, match):
 
 
 @pytest.mark.parametrize("kw,match", [(dict(mode="fast"), "mode"), (dict(drafter="int2"), "drafter"),
-                                      (dict(draft_length=17), "draft_length"), (dict(max_new_tokens=0), "max_new_tokens"),
-                                      (dict(kernels="cuda"), "kernels")])
+                                      (dict(draft_length=17), "draft_length"),
+                                      (dict(max_new_tokens=0), "max_new_tokens"), (dict(kernels="cuda"), "kernels")])
 def test_bad_rollout_construction(kw, match):
     cfg, w = tiny_model()
     args = dict(max_batch=2, max_prompt_len=4, max_new_tokens=4)

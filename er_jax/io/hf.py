@@ -1,23 +1,24 @@
 """Hugging Face model directories (config.json + *.safetensors) of Llama / Qwen2 models.
 
-Safetensors are read with numpy alone: a file is an 8-byte little-endian header length, a JSON header
-(`name -> {dtype, shape, data_offsets}`) and raw little-endian data; bfloat16 comes as `ml_dtypes.bfloat16`.
+Safetensors are read through the `safetensors` package (`safe_open(framework="numpy")`: memory-mapped, no
+torch, never a pickle); bfloat16 comes as `ml_dtypes.bfloat16`.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+from typing import Callable
 
-import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from er_jax.config import ModelConfig
 from er_jax.io import assemble, check_shape
 from er_jax.io import tokenizer as tok
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+ST_DTYPES = ("F64", "F32", "F16", "BF16")  # float tensors; bfloat16 arrives as ml_dtypes.bfloat16
 HF_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
             "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
             "wv": "self_attn.v_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
@@ -77,30 +78,24 @@ def config_from_hf(cfg: dict, source: str, dtype: str = "float32") -> ModelConfi
                          f"config") from None
 
 
-def read_safetensors(path: str) -> dict[str, tuple[str, list[int], np.ndarray]]:
-    """name -> (dtype, shape, lazy numpy array) of one .safetensors file (memory-mapped, nothing copied)."""
-    size = os.path.getsize(path)
+def read_safetensors(path: str) -> dict[str, tuple[str, list[int], Callable[[], np.ndarray]]]:
+    """name -> (dtype, shape, load) of one .safetensors file; `load()` reads that tensor as a numpy array."""
+    def load(name):
+        with safe_open(path, framework="numpy") as f:
+            return f.get_tensor(name)
+
     try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 0 < n <= size - 8:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if end > data.size:
-            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {end} of {data.size}; re-download it")
-        if info["dtype"] not in ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; supported: {sorted(ST_DTYPES)}")
-        if end - begin != int(np.prod(info["shape"])) * np.dtype(ST_DTYPES[info["dtype"]]).itemsize:
-            raise ValueError(f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape {info['shape']}")
-        array = data[begin:end].view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[name] = (info["dtype"], info["shape"], array)
+        with safe_open(path, framework="numpy") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                dtype, shape = sl.get_dtype(), list(sl.get_shape())
+                if dtype not in ST_DTYPES:
+                    raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {sorted(ST_DTYPES)}")
+                out[name] = (dtype, shape, lambda name=name: load(name))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt: {e}); "
+                         f"re-download it") from None
     return out
 
 
@@ -129,9 +124,9 @@ def weights_from_dir(path: str, config: ModelConfig) -> dict:
         if name not in tensors:
             raise ValueError(f"{path}: tensor {name!r} is missing from the safetensors files")
         used.add(name)
-        _, shape, array = tensors[name]
+        _, shape, load = tensors[name]
         check_shape(name, shape, expected, path)
-        return array
+        return load()
 
     weights = assemble(config, fetch)
     if config.tie_embeddings:
