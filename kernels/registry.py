@@ -35,6 +35,9 @@ def lookup(op: str, backend: str):
 
 
 def default_backend(platform: str) -> str:
-    """The fastest backend that compiles on `platform`: Pallas (Triton) on GPU, XLA on CPU and TPU (no
-    Pallas kernel of ours is TPU-legal yet)."""
+    """The fastest backend that compiles on `platform`: Pallas (Triton) on GPU, XLA on TPU (no Pallas
+    kernel of ours is TPU-legal yet). On CPU the native kernels when they are built and run here (faster end
+    to end: docs/cpu_profile.md), else XLA; `why_unavailable("native")` says why."""
+    if platform == "cpu":
+        return "native" if why_unavailable("native") is None else "xla"
     return "pallas" if platform == "gpu" else "xla"
