@@ -161,7 +161,7 @@ template <int FMT, int MR, int NV>
 static void m_tiles(const Problem& p, int64_t b0, int64_t b1, int64_t g, int64_t col, int64_t c0, float* scratch,
                     int64_t cw) {
   if constexpr (FMT != kF32 && MR > 2) {
-    alignas(64) float panel[kKR * NV * V::W];
+    alignas(64) float panel[kKRB * NV * V::W];
     int64_t rows, kbase;
     if constexpr (FMT == kInt4) {
       const uint8_t* data = static_cast<const uint8_t*>(p.w);
@@ -240,15 +240,18 @@ static void block(const Problem& p, int64_t b0, int64_t b1, int64_t g, int64_t c
 template <int FMT, int MR, int NV>
 static void run_fmt(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, bool accumulate) {
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
+  // Rows swept together: few at small M (more independent row streams in flight), more at M >= 3 (fewer
+  // accumulator round trips to the L2-resident block accumulator per FMA).
+  constexpr int64_t KR = MR > 2 ? kKRB : kKR;
   if constexpr (FMT == kInt4) {
     const int64_t G = p.group;
     for (int64_t g = k0 / G; g * G < k1; ++g) {
       const int64_t r1 = (imin((g + 1) * G, k1) + 1) / 2;  // packed rows; the padding row's x is zero
-      for (int64_t r = g * G / 2; r < r1; r += kKR / 2) block<FMT, MR, NV>(p, r, imin(r + kKR / 2, r1), g, c0, c1, acc);
+      for (int64_t r = g * G / 2; r < r1; r += KR / 2) block<FMT, MR, NV>(p, r, imin(r + KR / 2, r1), g, c0, c1, acc);
       int4_zero_correction(p, g, c0, c1, acc);
     }
   } else {
-    for (int64_t k = k0; k < k1; k += kKR) block<FMT, MR, NV>(p, k, imin(k + kKR, k1), 0, c0, c1, acc);
+    for (int64_t k = k0; k < k1; k += KR) block<FMT, MR, NV>(p, k, imin(k + KR, k1), 0, c0, c1, acc);
   }
 }
 

@@ -7,7 +7,7 @@
 Both are jit-, vmap- and scan-safe (`jax.ffi.ffi_call` with vmap_method="expand_dims": the handler
 broadcasts leading dimensions and, when only x is batched, folds them into M so the weights are still read
 once). Whatever they do not handle goes to the plain-jnp references, with the same result dtype: other
-float dtypes (f16), more than `MAX_M` rows, empty operands, a non-CPU default backend, or an extension
+float dtypes (f16), more rows than `AUTO_MAX_M` (XLA is faster there), empty operands, a non-CPU default backend, or an extension
 that is not built. Malformed input (non-float x, wrong ranks, K mismatch) raises ValueError.
 
 The kernels pick an ISA at load time (AVX-512 / AVX2 / portable, best the CPU runs and that passes a
@@ -29,9 +29,12 @@ import numpy as np
 from er_jax.quant import QuantArray
 
 ISAS = {"portable": 1, "avx2": 2, "avx512": 3}
-# Rows (M = product of x's leading dimensions) up to which the native kernels are used; larger M
-# (prefill) goes to XLA's dot, which is faster there (docs/native.md, "Large M").
+# The kernels' domain: M = product of x's leading dimensions (rows x positions) up to MAX_M.
 MAX_M = 256
+# Without an explicit `isa=`, rows beyond these go to XLA (dense: Eigen's f32 GEMM; quantized: dequantize
+# + dot), which was as fast or faster there on the 2-core AVX2 machine (docs/native.md, "Large M"). With
+# `isa=` the kernel runs for any M <= MAX_M.
+AUTO_MAX_M = {"dense": 32, "quant": 64}
 
 _TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4")
 _state: dict | None = None
@@ -129,8 +132,9 @@ def _check_x(x, k: int, what: str):
         raise ValueError(f"{what}: x has shape {tuple(x.shape)}; its last axis must be the weight's K = {k}")
 
 
-def _native_ok(x, m: int, n: int, k: int) -> bool:
-    return (jnp.dtype(x.dtype) in _NATIVE_DTYPES and 0 < m <= MAX_M and n > 0 and k > 0 and available()
+def _native_ok(x, m: int, n: int, k: int, kind: str, isa_name) -> bool:
+    limit = MAX_M if isa_name is not None else AUTO_MAX_M[kind]
+    return (jnp.dtype(x.dtype) in _NATIVE_DTYPES and 0 < m <= limit and n > 0 and k > 0 and available()
             and jax.default_backend() == "cpu")
 
 
@@ -141,7 +145,8 @@ def matmul_reference(x, w):
 
 def matmul(x, w, *, ex=None, name=None, isa: str | None = None):
     """x [..., K] @ w [K, N] -> [..., N] in x.dtype (f32 accumulation). `ex` / `name`: the backend seam's
-    uniform signature, ignored. `isa`: force one ISA path for this call (default: the process's)."""
+    uniform signature, ignored. `isa`: run this ISA's kernel for any M <= MAX_M (tests, benchmarks);
+    default: the process's ISA up to AUTO_MAX_M rows, XLA beyond."""
     del ex, name
     if not hasattr(w, "shape") or not hasattr(w, "dtype") or w.ndim != 2:
         raise ValueError(f"matmul: w must be a 2-D [K, N] array, got {getattr(w, 'shape', type(w).__name__)}")
@@ -150,7 +155,7 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None):
     k, n = w.shape
     _check_x(x, k, "matmul")
     m = math.prod(x.shape[:-1])
-    if not (_native_ok(x, m, n, k) and jnp.dtype(w.dtype) in _NATIVE_DTYPES):
+    if not (_native_ok(x, m, n, k, "dense", isa) and jnp.dtype(w.dtype) in _NATIVE_DTYPES):
         return matmul_reference(x, w)
     code = _isa_code(isa)
     y = jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((m, n), x.dtype),
@@ -189,7 +194,7 @@ def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None):
             raise ValueError(f"quant_matmul: {qa.scheme} {field} must be {jnp.dtype(dtype)} {shape} for K={k}, "
                              f"N={n}; got {got}")
     m = math.prod(x.shape[:-1])
-    if not _native_ok(x, m, n, k):
+    if not _native_ok(x, m, n, k, "quant", isa):
         return quant_matmul_reference(x, qa)
     code = _isa_code(isa)
     out = jax.ShapeDtypeStruct((m, n), x.dtype)

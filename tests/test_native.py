@@ -49,6 +49,18 @@ def test_unavailable_reason_is_one_sentence():
         assert isinstance(reason, str) and reason and "\n" not in reason
 
 
+def test_not_built_reports_one_reason_and_falls_back(monkeypatch):
+    """Without the library the backend says why in one sentence and every call takes the reference."""
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setattr(native, "_library_paths", lambda: [])
+    assert not native.available() and native.isa() == "" and native.usable_isas() == []
+    reason = native.why_unavailable()
+    assert "not built" in reason and "\n" not in reason
+    x, w = jnp.ones((2, 8)), jnp.ones((8, 3))
+    np.testing.assert_array_equal(np.asarray(native.matmul(x, w)), np.full((2, 3), 8.0))
+    assert native.info() == {"available": False, "reason": reason}
+
+
 def _data(m, k, n, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -189,6 +201,9 @@ def test_routes_to_reference_outside_its_domain():
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
     x_big = jnp.asarray(rng.standard_normal((native.MAX_M + 1, 64)), jnp.float32)
+    if native.available():  # past MAX_M even an explicit isa takes the reference
+        np.testing.assert_allclose(np.asarray(native.matmul(x_big, w, isa=native.isa())),
+                                   np.asarray(native.matmul_reference(x_big, w)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(native.matmul(x_big, w)), np.asarray(native.matmul_reference(x_big, w)),
                                rtol=1e-5, atol=1e-5)
     x16 = x_big[:3].astype(jnp.float16)
