@@ -19,7 +19,6 @@ Writes experiments/results/cpu_profile.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
@@ -59,8 +58,8 @@ def main():
     from er_jax.cache import KVCache, init_cache
     from er_jax.config import SamplingConfig
     from er_jax.execution import Execution
-    from er_jax.model import _layer, linear, logits_from_hidden, rms_norm, unstack_layers
-    from er_jax.quant import PROJECTIONS, derive_drafter
+    from er_jax.model import _layer, linear, logits_from_hidden, unstack_layers
+    from er_jax.quant import derive_drafter
     from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
     from er_jax.speculative import draft
 

@@ -25,8 +25,8 @@ BACKENDS = ["xla", pytest.param("native", marks=needs_native)]
 # bf16 has an 8-bit significand: one rounding of a value z moves it by up to |z|·2^-9. Decode (one position
 # at a time over the cache) and teacher forcing (all positions at once) round differently, so their bf16
 # logits differ by a few such steps; tiny models here have |logits| < ~8 and log-probs within ~10 of 0,
-# so a few ulps of 2^-9·8 ≈ 0.016 each. BF16_LOGP_TOL = 0.03 is that with headroom (measured worst: 6.5e-3 on both backends,
-# printed by the test); f32 runs within 1e-4 (a few f32 ulps of the same sums).
+# so a few ulps of 2^-9·8 ≈ 0.016 each. BF16_LOGP_TOL = 0.03 is that with headroom (measured worst:
+# 6.5e-3 on both backends, printed by the test); f32 runs within 1e-4 (a few f32 ulps of the same sums).
 BF16_LOGP_TOL = 0.03
 F32_LOGP_TOL = 1e-4
 
