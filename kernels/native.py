@@ -7,8 +7,8 @@
 Both are jit-, vmap- and scan-safe (`jax.ffi.ffi_call` with vmap_method="expand_dims": the handler
 broadcasts leading dimensions and, when only x is batched, folds them into M so the weights are still read
 once). Whatever they do not handle goes to the plain-jnp references, with the same result dtype: other
-float dtypes (f16), more rows than `AUTO_MAX_M` (XLA is faster there), empty operands, a non-CPU default backend, or an extension
-that is not built. Malformed input (non-float x, wrong ranks, K mismatch) raises ValueError.
+float dtypes (f16), more rows than `AUTO_MAX_M` (XLA is faster there), empty operands, a non-CPU default backend,
+or an extension that is not built. Malformed input (non-float x, wrong ranks, K mismatch) raises ValueError.
 
 The kernels pick an ISA at load time (AVX-512 / AVX2 / portable, best the CPU runs and that passes a
 start-up self-check); `ER_JAX_NATIVE_ISA=avx512|avx2|portable` forces one, and the `isa=` keyword of
