@@ -592,8 +592,9 @@ class ErJaxRollout(base_rollout.BaseRollout):
             raise ValueError(f"a prompt consists of pad tokens (id {pad}) only; tunix masks them, nothing is left")
         if max(len(f) for f in feed) > self.max_prompt_len:
             raise ValueError(f"a prompt has {max(len(f) for f in feed)} tokens, over this ErJaxRollout's "
-                             f"max_prompt_len={self.max_prompt_len} (from RolloutConfig.max_prompt_length unless given); tunix's "
-                             f"vanilla sampler would grow its buffers, er_jax sizes its KV cache up front: pass "
+                             f"max_prompt_len={self.max_prompt_len} (from RolloutConfig.max_prompt_length unless "
+                             f"given); tunix's vanilla sampler would grow its buffers, er_jax sizes its KV cache up "
+                             f"front: pass "
                              f"max_prompt_len= (functools.partial) or shorten the prompts")
         if self.spec is None:
             self._build(self.max_batch or len(ids))
