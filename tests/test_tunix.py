@@ -88,10 +88,19 @@ def random_weights(cfg, seed=1, scale=0.15):
 
 
 def tunix_logits(model, tokens):
+    """The tunix model's teacher-forced logits (jitted: op-by-op dispatch would compile every op on its own)."""
+    from flax import nnx
     from tunix.sft import utils as sft_utils
-    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, _ = model(tokens, pos, None, sft_utils.make_causal_attn_mask(jnp.ones(tokens.shape, bool)))
-    return logits
+
+    @nnx.jit
+    def run(model, tokens):
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return model(tokens, pos, None, sft_utils.make_causal_attn_mask(jnp.ones(tokens.shape, bool)))[0]
+
+    return run(model, tokens)
+
+
+_forward = jax.jit(er_jax.forward, static_argnums=0)
 
 
 def max_diff(a, b) -> float:
@@ -122,7 +131,7 @@ def test_weights_map_both_ways(family, tie):
     # er_jax -> tunix: the same logits, and the reverse map gives back the very same arrays
     w = random_weights(cfg)
     model = T.tunix_model_from_weights(cfg, w, family)
-    assert max_diff(er_jax.forward(cfg, w, toks), tunix_logits(model, toks)) <= 1e-5
+    assert max_diff(_forward(cfg, w, toks), tunix_logits(model, toks)) <= 1e-5
     cfg_back = T.er_config_from_tunix(model)
     assert cfg_back.replace(name=cfg.name) == cfg
     back = T.weights_from_tunix(cfg_back, T.flatten_params(nnx.state(model, nnx.Param)))
@@ -137,7 +146,7 @@ def test_weights_map_both_ways(family, tie):
                                                               else 0.0) for k, a in zip(keys, leaves)]
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
     w2 = T.weights_from_tunix(cfg, T.flatten_params(nnx.state(model, nnx.Param)))
-    assert max_diff(er_jax.forward(cfg, w2, toks), tunix_logits(model, toks)) <= 1e-5
+    assert max_diff(_forward(cfg, w2, toks), tunix_logits(model, toks)) <= 1e-5
 
 
 def test_update_params_stays_on_device_and_rederives_the_drafter():
@@ -177,8 +186,8 @@ def test_llama3_rope_base(restore_llama3_module):
     toks = jax.random.randint(jax.random.key(2), (1, 24), 0, cfg.vocab_size)
     model = T.tunix_model_from_weights(cfg, w, "llama3")
     if T._llama3_ignores_rope_theta():  # the 0.1.7 behaviour
-        assert max_diff(tunix_logits(model, toks), er_jax.forward(cfg.replace(rope_theta=1e6), w, toks)) <= 1e-5
-        assert max_diff(tunix_logits(model, toks), er_jax.forward(cfg, w, toks)) > 1e-2
+        assert max_diff(tunix_logits(model, toks), _forward(cfg.replace(rope_theta=1e6), w, toks)) <= 1e-5
+        assert max_diff(tunix_logits(model, toks), _forward(cfg, w, toks)) > 1e-2
         with pytest.raises(ValueError, match="fix_tunix_llama3_rope"):
             T.ErJaxRollout(rollout_actor=model, tokenizer=CharTokenizer(), mode="ar")
         r = T.ErJaxRollout(rollout_actor=model, tokenizer=CharTokenizer(), mode="ar", rope_theta=1e6)
@@ -186,7 +195,7 @@ def test_llama3_rope_base(restore_llama3_module):
     T.fix_tunix_llama3_rope()
     assert not T._llama3_ignores_rope_theta()
     model = T.tunix_model_from_weights(cfg, w, "llama3")
-    assert max_diff(tunix_logits(model, toks), er_jax.forward(cfg, w, toks)) <= 1e-5
+    assert max_diff(tunix_logits(model, toks), _forward(cfg, w, toks)) <= 1e-5
     assert T.ErJaxRollout(rollout_actor=model, tokenizer=CharTokenizer(), mode="ar").config.rope_theta == 1e4
 
 
@@ -272,7 +281,7 @@ def test_generate_translates_tunix_semantics():
     i = next(i for i, t in enumerate(greedy.tokens[:3]) if len(t))
     prompt = [BOS] + CharTokenizer().encode(prompts[i])
     seq = jnp.asarray([prompt + greedy.tokens[i][:-1].tolist()])
-    assert (np.asarray(jnp.argmax(er_jax.forward(cfg, r.weights, seq), -1))[0, len(prompt) - 1:]
+    assert (np.asarray(jnp.argmax(_forward(cfg, r.weights, seq), -1))[0, len(prompt) - 1:]
             == greedy.tokens[i]).all()
 
     with pytest.raises(ValueError, match="max_prompt_len"):
