@@ -14,8 +14,26 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import PROMPTS, summarize_run  # noqa: E402
+from acceptance import PROMPTS  # noqa: E402
 from common import machine, write_json  # noqa: E402
+
+
+def summarize_run(out, gamma: int) -> dict:
+    """τ and the pooled per-token acceptance α (accepted drafts / draft positions tested) of one generate."""
+    import numpy as np
+    from er_jax.controller import alpha_from_tau
+
+    st = out.stats
+    acc, reach = np.zeros(gamma), np.zeros(gamma)
+    for r in st["step_records"]:
+        if r["gamma"] > 0:
+            acc[: r["gamma"]] += r["accepted_per_position"]
+            reach[: r["gamma"]] += r["rows_reaching_position"]
+    return {"gamma": gamma, "tau": st["tau"], "alpha_pooled": float(acc.sum() / reach.sum()),
+            "alpha_from_tau": float(alpha_from_tau(st["tau"], gamma)),
+            "acceptance_per_position": st["acceptance_per_position"], "accepted": st["accepted"],
+            "drafted": st["drafted"], "sd_steps": st["sd_steps"], "tokens": st["tokens"], "wall_s": st["wall_s"],
+            "drafter_derive_s": st["drafter_derive_s"]}
 
 
 def main():
@@ -44,7 +62,7 @@ def main():
                                    draft_length=args.gamma, kernels=args.kernels, drafter_head=head)
             t0 = time.perf_counter()
             out = r.generate(ids, rc, min_new_tokens=[args.new_tokens] * n)
-            s = summarize_run(out, args.gamma, m.config.eos_ids, [len(i) for i in ids])
+            s = summarize_run(out, args.gamma)
             s["generate_wall_s_incl_compile"] = time.perf_counter() - t0
             s["drafter_bytes"] = r.drafter_bytes
             s["load_average"] = os.getloadavg()

@@ -29,27 +29,38 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Ex
            "Name a famous painter.", "Why is the sky blue?"]
 
 
-def er_jax_run(m, ids, new_tokens, reps):
+def er_jax_runner(m, ids, new_tokens, kernels=None):
+    """A compiled AR SpecRollout; each call of the returned function is one timed generate."""
     import er_jax
 
     r = er_jax.SpecRollout(m.config, m.weights, m.tokenizer, max_batch=len(ids),
-                           max_prompt_len=max(map(len, ids)), max_new_tokens=new_tokens, mode="ar")
+                           max_prompt_len=max(map(len, ids)), max_new_tokens=new_tokens, mode="ar", kernels=kernels)
     rc = er_jax.RolloutConfig(temperature=0.0)
     force = [new_tokens] * len(ids)  # identical work: no row stops early
     r.generate(ids, rc, min_new_tokens=force)  # compile
-    outs = [r.generate(ids, rc, min_new_tokens=force) for _ in range(reps)]
+    return (lambda: r.generate(ids, rc, min_new_tokens=force)), r
+
+
+def er_jax_run(m, ids, new_tokens, reps, kernels=None):
+    run, r = er_jax_runner(m, ids, new_tokens, kernels)
+    outs = [run() for _ in range(reps)]
     best = min(outs, key=lambda o: o.stats["wall_s"])
     recs = best.stats["step_records"]
     step_s = float(np.median([s["wall_s"] for s in recs]))
     return best, step_s, r
 
 
-def hf_run(m_path, gguf_file, ids, new_tokens, reps, pad_id):
+def hf_run(m_path, gguf_file, ids, new_tokens, reps, pad_id, dtype="float32"):
+    return min(hf_runner(m_path, gguf_file, ids, new_tokens, pad_id, dtype)() for _ in range(reps))
+
+
+def hf_runner(m_path, gguf_file, ids, new_tokens, pad_id, dtype="float32"):
+    """transformers' generate on CPU torch, warmed up; each call of the returned function times one generate."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count())
-    model = AutoModelForCausalLM.from_pretrained(m_path, gguf_file=gguf_file, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(m_path, gguf_file=gguf_file, dtype=getattr(torch, dtype)).eval()
     width = max(map(len, ids))
     inp = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids])  # left padding
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
@@ -57,12 +68,14 @@ def hf_run(m_path, gguf_file, ids, new_tokens, reps, pad_id):
               pad_token_id=pad_id)
     with torch.no_grad():
         model.generate(inp, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-        times = []
-        for _ in range(reps):
+
+    def run():
+        with torch.no_grad():
             t0 = time.perf_counter()
             model.generate(inp, **kw)
-            times.append(time.perf_counter() - t0)
-    return min(times)
+            return time.perf_counter() - t0
+
+    return run
 
 
 def preset_rows(presets, batches, context: int, reps: int, bw: float) -> list[dict]:
@@ -96,6 +109,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--presets", nargs="+", help="time these shape presets (random weights) instead of SmolLM2")
     ap.add_argument("--context", type=int, default=1024, help="--presets: cached tokens per row")
+    ap.add_argument("--kernels", nargs="+", default=["xla", "native"], help="er_jax backends compared")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.presets:
         bw = copy_bandwidth()
@@ -109,35 +124,54 @@ def main():
     from er_jax.io.registry import smollm2_path
     from er_jax.controller import ModelCosts
 
-    m = er_jax.load_model("smollm2")
     path = smollm2_path()
-    costs = ModelCosts.from_config(m.config, "int4")
     bw, read_bw = copy_bandwidth(), read_bandwidth()
     rows = []
-    for b in args.batches:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
-        ids = [m.tokenizer.chat([{"role": "user", "content": p}]) for p in prompts]
-        out, step_s, r = er_jax_run(m, ids, args.new_tokens, args.reps)
-        ours_tps = b * args.new_tokens / out.stats["wall_s"]
-        hf_s = hf_run(os.path.dirname(path), os.path.basename(path), ids, args.new_tokens, args.reps, m.config.pad_id)
-        hf_tps = b * args.new_tokens / hf_s
-        # Memory roofline of one decode step: every weight the step reads once (embedding rows are a
-        # gather, so only the LM head, projections and norms) + the K/V the attention reads.
-        ctx = float(np.mean([len(i) for i in ids])) + args.new_tokens / 2
-        step_bytes = costs.target_bytes + costs.kv_bytes_per_token * b * ctx
-        rows.append({"batch": b, "new_tokens": args.new_tokens, "er_jax_tokens_per_s": ours_tps,
-                     "transformers_tokens_per_s": hf_tps, "speedup_vs_transformers": ours_tps / hf_tps,
-                     "er_jax_step_ms": 1e3 * step_s, "roofline_step_ms": 1e3 * step_bytes / bw,
-                     "fraction_of_roofline": (step_bytes / bw) / step_s,
-                     "er_jax_step_GBps": step_bytes / step_s / 1e9,
-                     "transformers_ms_per_token_step": 1e3 * hf_s / args.new_tokens,  # incl. its prefill
-                     "transformers_GBps_upper": step_bytes / (hf_s / args.new_tokens) / 1e9,
-                     "er_jax_compile_count": r.compile_count})
-        print(f"batch {b:3d}: er_jax {ours_tps:8.1f} tok/s  transformers {hf_tps:8.1f} tok/s  "
-              f"x{ours_tps / hf_tps:.2f}   step {1e3 * step_s:.1f} ms vs roofline {1e3 * step_bytes / bw:.1f} ms")
-    payload = {"benchmark": "bench_ar", "model": "smollm2 (GGUF dequantized to f32)", "machine": machine(),
+    for dtype in args.dtypes:
+        m = er_jax.load_model("smollm2", dtype=dtype)
+        costs = ModelCosts.from_config(m.config, "int4")
+        for b in args.batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+            ids = [m.tokenizer.chat([{"role": "user", "content": p}]) for p in prompts]
+            systems = {k: er_jax_runner(m, ids, args.new_tokens, k)[0] for k in args.kernels}
+            hf = hf_runner(os.path.dirname(path), os.path.basename(path), ids, args.new_tokens, m.config.pad_id, dtype)
+            walls, steps, loads = {k: [] for k in [*systems, "transformers"]}, {k: [] for k in systems}, []
+            for rep in range(args.reps):  # the systems alternate, order reversed every other repeat
+                order = [*systems, "transformers"]
+                for k in order if rep % 2 == 0 else order[::-1]:
+                    loads.append(os.getloadavg()[0])
+                    if k == "transformers":
+                        walls[k].append(hf())
+                    else:
+                        out = systems[k]()
+                        walls[k].append(out.stats["wall_s"])
+                        steps[k].append(float(np.median([s["wall_s"] for s in out.stats["step_records"]])))
+            # Memory roofline of one decode step: every weight the step reads once (embedding rows are a
+            # gather, so only the LM head, projections and norms) + the K/V the attention reads.
+            ctx = float(np.mean([len(i) for i in ids])) + args.new_tokens / 2
+            step_bytes = costs.target_bytes + costs.kv_bytes_per_token * b * ctx
+            tok = b * args.new_tokens
+            hf_tps = tok / np.median(walls["transformers"])
+            row = {"batch": b, "dtype": dtype, "new_tokens": args.new_tokens, "load_1min": loads,
+                   "transformers_tokens_per_s": {"median": hf_tps, "fastest": tok / min(walls["transformers"])},
+                   "roofline_step_ms": 1e3 * step_bytes / bw, "step_bytes": step_bytes, "er_jax": {}}
+            for k in systems:
+                tps = tok / np.median(walls[k])
+                step_s = float(np.median(steps[k]))
+                row["er_jax"][k] = {"tokens_per_s": {"median": tps, "fastest": tok / min(walls[k])},
+                                    "speedup_vs_transformers_median": tps / hf_tps,
+                                    "step_ms_median": 1e3 * step_s, "step_ms_fastest": 1e3 * min(steps[k]),
+                                    "fraction_of_roofline": (step_bytes / bw) / step_s,
+                                    "fraction_of_roofline_fastest": (step_bytes / bw) / min(steps[k]),
+                                    "step_GBps": step_bytes / step_s / 1e9}
+                print(f"{dtype} batch {b:3d} {k:6s}: er_jax {tps:8.1f} tok/s  transformers {hf_tps:8.1f} tok/s  "
+                      f"x{tps / hf_tps:.2f}   step {1e3 * step_s:.1f} ms vs roofline {1e3 * step_bytes / bw:.1f} ms "
+                      f"(load {np.mean(loads):.1f})", flush=True)
+            rows.append(row)
+    payload = {"benchmark": "bench_ar", "model": "smollm2 (GGUF dequantized)", "machine": machine(),
                "copy_bandwidth_GBps": bw / 1e9, "read_bandwidth_GBps": read_bw / 1e9,
-               "step_bytes": "f32 weights a decode step reads (projections, LM head, norms) + the K/V it attends over",
+               "step_bytes": "weights a decode step reads (projections, LM head, norms) + the K/V it attends over",
+               "roofline": "step_bytes / copy bandwidth (read + write counted, as before)",
                "load_average_at_end": os.getloadavg(), "rows": rows}
     print("wrote", write_json(f"bench_ar_{machine_tag()}.json", payload))
 

@@ -1,0 +1,97 @@
+"""Drafter step / target step on CPU (issue 12 target: <= 0.40x at batch 1 for int8 + int8 head, <= 0.30x
+for int4), SmolLM2 f32, at batch 1, 4, 16 with --context cached tokens per row.
+
+    python experiments/draft_cost.py [--batches 1 4 16] [--context 300] [--reps 9] [--kernels native]
+
+Target step: one engine AR step (`engine.ar_step`: target forward of one token + sampling + bookkeeping).
+Draft step: one drafter step as `speculative.draft` runs it (γ = 1: drafter forward + sampling), drafters
+int8 / int4 with the shared f32 head and with the int8 head. The systems alternate within each repeat
+(target, then each drafter, order reversed every other repeat); medians and fastest reported with the load
+average. Writes experiments/results/draft_cost_cpu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, write_json  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--kernels", default="native")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default="draft_cost_cpu.json")
+    args = ap.parse_args()
+    import er_jax
+    from er_jax import engine as E
+    from er_jax.cache import KVCache, init_cache
+    from er_jax.config import SamplingConfig
+    from er_jax.execution import Execution
+    from er_jax.model import unstack_layers
+    from er_jax.quant import derive_drafter
+    from er_jax.speculative import draft
+
+    m = er_jax.load_model("smollm2", dtype=args.dtype)
+    cfg, dt, sc = m.config, m.config.jnp_dtype, SamplingConfig(1.0)
+    ex = Execution(args.kernels, None, "unstacked")
+    spec = E.StepSpec(cfg, sc, cfg.eos_ids, ex)
+    weights = unstack_layers(m.weights)
+    drafters = {f"{s}_{h}head": unstack_layers(derive_drafter(m.weights, s, head=h))
+                for s in ("int8", "int4") for h in ("shared", "int8")}
+    ar = jax.jit(functools.partial(E.ar_step, spec))
+    dj = jax.jit(lambda d, c, last, k: draft(cfg, d, c, last, sc, k, 1, ex)[1])
+    res = {"benchmark": "draft_cost", "machine": machine(), "model": f"smollm2 ({args.dtype})",
+           "kernels": args.kernels, "context": args.context, "reps": args.reps, "rows": []}
+    for b in args.batches:
+        key = jax.random.key(b)
+        c0 = init_cache(cfg, b, args.context + 32)
+        cache = KVCache(jax.random.normal(key, c0.k.shape, dt) * 0.1, jax.random.normal(key, c0.v.shape, dt) * 0.1,
+                        jnp.full((b,), args.context, jnp.int32))
+        st = E.DecodeState(cache=cache, last=jnp.ones(b, jnp.int32), n_gen=jnp.ones(b, jnp.int32),
+                           done=jnp.zeros(b, bool), row=jnp.arange(b, dtype=jnp.int32),
+                           keys=jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b)),
+                           max_new=jnp.full(b, 10**6, jnp.int32), min_new=jnp.zeros(b, jnp.int32),
+                           out_tokens=jnp.zeros((b + 1, 64), jnp.int32), out_logps=jnp.zeros((b + 1, 64), jnp.float32),
+                           out_len=jnp.zeros(b + 1, jnp.int32))
+        fns = {"target": lambda: ar(weights, st)[0].last}
+        for name, d in drafters.items():
+            fns[name] = lambda d=d: dj(d, cache, st.last, st.keys)
+        for f in fns.values():
+            jax.block_until_ready(f())
+            jax.block_until_ready(f())
+        times = {k: [] for k in fns}
+        loads = []
+        for rep in range(args.reps):
+            order = list(fns) if rep % 2 == 0 else list(fns)[::-1]
+            loads.append(os.getloadavg()[0])
+            for k in order:
+                t0 = time.perf_counter()
+                jax.block_until_ready(fns[k]())
+                times[k].append(time.perf_counter() - t0)
+        tmed, tmin = np.median(times["target"]), min(times["target"])
+        row = {"batch": b, "load_1min": loads, "target_ms": {"median": 1e3 * tmed, "fastest": 1e3 * tmin}, "drafters": {}}
+        for k in drafters:
+            dmed, dmin = np.median(times[k]), min(times[k])
+            row["drafters"][k] = {"median_ms": 1e3 * dmed, "fastest_ms": 1e3 * dmin, "ratio_median": dmed / tmed,
+                                  "ratio_fastest": dmin / tmin}
+            print(f"B={b:2d} {k:16s} draft {1e3 * dmin:7.2f} ms / target {1e3 * tmin:7.2f} ms = {dmin / tmin:.3f} "
+                  f"(medians {dmed / tmed:.3f}); load {np.mean(loads):.1f}", flush=True)
+        res["rows"].append(row)
+        write_json(args.out, res)
+    print("wrote", write_json(args.out, res))
+
+
+if __name__ == "__main__":
+    main()
