@@ -170,8 +170,8 @@ def summarize_run(out, gamma: int, eos_ids, prompt_lens) -> dict:
     acc = np.zeros(gamma)
     reach = np.zeros(gamma)
     for s in recs:
-        acc += s["accepted"]
-        reach += s["reached"]
+        acc += s["accepted_per_position"]
+        reach += s["rows_reaching_position"]
     tau = st["tau"]
     alpha_pooled = float(acc.sum() / reach.sum())
     alpha_tau = float(alpha_from_tau(tau, gamma))

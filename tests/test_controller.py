@@ -400,12 +400,18 @@ def test_make_policy_modes():
     assert ctl.make_policy("adaptive", COSTS, draft_length=6, hw=HW).gamma == 5  # not on the ladder: bottom
     assert ctl.make_policy("auto", COSTS, ladder=(2, 4), hw=HW).gammas() == (0, 2, 4)
     assert ctl.make_policy("toggle", COSTS).hw == ctl.defaults_for(ctl.current_platform())
-    # the engine's dict reports are accepted too
-    p = ctl.make_policy("toggle", COSTS, hw=HW)
-    p.observe(dict(step=0, wall_s=1e-3, batch_bucket=4, active=3, mean_context=5.0, gamma=2, emitted=7,
-                   accepted=[3, 1], reached=[3, 3]))
-    p.end_rollout()
-    assert p.tau == pytest.approx(7 / 3)
+    # one schema: the engine's StepRecord, or its to_dict (a trace line read back); the old short keys are gone
+    rec = ctl.StepRecord(step=0, wall_s=1e-3, batch_bucket=4, active=3, mean_context=5.0, gamma=2, emitted=7,
+                         accepted_per_position=[3, 1], rows_reaching_position=[3, 3])
+    for report in (rec, rec.to_dict()):
+        p = ctl.make_policy("toggle", COSTS, hw=HW)
+        p.observe(report)
+        p.end_rollout()
+        assert p.tau == pytest.approx(7 / 3)
+    assert ctl.StepRecord.from_dict(rec.to_dict()) == rec
+    with pytest.raises(ValueError, match="accepted / reaching counts"):
+        ctl.as_step_record(dict(step=0, wall_s=1e-3, batch_bucket=4, active=3, mean_context=5.0, gamma=2, emitted=7,
+                                accepted=[3, 1], reached=[3, 3]))
 
 
 def test_bad_input_raises():
