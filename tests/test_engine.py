@@ -49,6 +49,7 @@ def test_logprobs_are_teacher_forced(model, gamma, sc):
     check_logprobs(cfg, w, PROMPTS, out, sc)
 
 
+@pytest.mark.slow
 def test_greedy_speculative_equals_plain(model):
     cfg, w, _ = model
     eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)

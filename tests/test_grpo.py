@@ -150,6 +150,7 @@ KEYS = ("reward", "loss", "grad_norm", "objective", "tokens", "mean_length", "ta
         "sd_on_fraction", "gamma_ladder", "logp_max_abs_diff", "data_pos", "rollout_seed")
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     # A stacked execution layout compiles faster (three trainers here); the state is layout-independent.
     kw = dict(save_every=2, kl_coef=0.05, prompts_per_step=2, layout="stacked")
@@ -222,6 +223,7 @@ def test_update_params_refuses_bad_weights_on_the_trainer_path():
     assert tr.step_count == 1
 
 
+@pytest.mark.slow
 def test_cli_train_writes_metrics_plots_checkpoints_and_resumes(tmp_path):
     import json
 

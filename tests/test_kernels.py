@@ -296,6 +296,7 @@ E2E_CONFIG = ModelConfig(vocab_size=64, hidden_size=160, intermediate_size=96, n
                          num_kv_heads=2, head_dim=16, name="tiny-kernels")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["int4", "int8"])
 def test_forward_pallas_equals_xla(drafter):
     """Greedy logits of a tiny random model's derived drafter (Pallas matmul and attention):

@@ -61,6 +61,7 @@ def random_model(config, seed=0):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiny_hf_checkpoint_matches_transformers(tmp_path, case):
     config, dtype, shard = CASES[case]

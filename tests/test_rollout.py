@@ -62,7 +62,8 @@ def test_kv_cache_identical_in_ar_and_sd_and_drafter_bytes():
     assert out.stats["kv_cache_bytes"] == ar.kv_cache_bytes and out.stats["drafter_bytes"] == sd.drafter_bytes
 
 
-@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+# unstacked: the layers unrolled, a slow compile
+@pytest.mark.parametrize("layout", ["stacked", pytest.param("unstacked", marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_plain_in_both_layouts(layout):
     cfg, w = tiny_model(seed=3, scale=0.5)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [1], [2, 3, 4, 5, 6, 7, 8]]
@@ -143,6 +144,7 @@ def test_mis_shaped_weights_refused_at_construction():
         SpecRollout(cfg.replace(hidden_size=32), w, max_batch=2, max_prompt_len=4, max_new_tokens=4)
 
 
+@pytest.mark.slow
 def test_pallas_kernels_end_to_end_equal_xla():
     """Greedy SD through the Pallas kernels (interpret mode on CPU) gives the XLA path's tokens and log-probs."""
     cfg, w = tiny_model(seed=2, scale=0.5)
@@ -155,6 +157,7 @@ def test_pallas_kernels_end_to_end_equal_xla():
     assert outs["pallas"].stats["kernels"] == "pallas" and outs["pallas"].stats["sd_steps"] > 0
 
 
+@pytest.mark.slow
 def test_forced_acceptance_is_a_bench_only_bernoulli_acceptance():
     from er_jax.controller import expected_tau
     cfg, w = tiny_model(seed=3, scale=0.5)
