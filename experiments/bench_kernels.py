@@ -2,6 +2,12 @@
 
     python experiments/bench_kernels.py            # full sizes on GPU; --tiny by default on CPU
     python experiments/bench_kernels.py --tiny     # tiny shapes, interpret mode: a correctness smoke run
+    python experiments/bench_kernels.py --preflight [--tiny]  # every kernel vs its reference, Qwen2.5-1.5B shapes
+    python experiments/bench_kernels.py --quick    # the timing tables at Qwen2.5-1.5B shapes only (short)
+
+Pre-flight: each Pallas kernel (int4 / int8 matmul plain and stacked with `layer=`, attention at T = 1 / 8
+and a 512-token prefill (query-row tiles), rejection greedy / T = 1 / top-k-top-p) against its reference on
+the device at Qwen2.5-1.5B shapes; prints the errors and writes preflight_<device>.json with `ok` per check.
 
 Matmul: decode shapes (q, k/v, o, gate/up, down) of Qwen2.5-1.5B / 7B and Llama-3.1-8B at M in
 {1, 8, 16, 32, 64}; each variant runs inside a lax.scan over L stacked copies of the weight, as in the
@@ -197,6 +203,60 @@ def bench_attention(models, max_len, contexts, batches, ts, n_layers, interpret,
     return rows
 
 
+def preflight(cfg: ModelConfig, interpret: bool, batch: int, context: int, prompt: int, vocab: int, gamma: int):
+    """Every kernel vs its reference at `cfg`'s shapes (bf16 activations). Returns result rows."""
+    rows = []
+
+    def record(kernel, shape, err, tol, **extra):
+        row = {"kernel": kernel, "shape": shape, "err": float(err), "tol": tol, "ok": bool(err <= tol), **extra}
+        rows.append(row)
+        print(f"preflight {kernel:28s} {shape:40s} err {row['err']:.3e} (tol {tol:g}) "
+              f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
+
+    key = iter(jax.random.split(jax.random.key(0), 64))
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    rel = lambda a, b: jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)
+    for k_in, n_out in ((d, f), (f, d)):
+        w = 0.02 * jax.random.normal(next(key), (k_in, n_out), jnp.float32)
+        for m in (1, batch):
+            x = jax.random.normal(next(key), (m, k_in), jnp.bfloat16)
+            for scheme, quantize in (("int4", quantize_int4), ("int8", quantize_int8)):
+                qa = quantize(w)
+                ref = quant_matmul_reference(x, qa).astype(jnp.float32)
+                got = quant_matmul(x, qa, interpret=interpret).astype(jnp.float32)
+                record(f"quant_matmul_{scheme}", f"M={m} K={k_in} N={n_out}", rel(got, ref), 2e-2)
+                stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a, a]), qa)
+                got = jax.jit(lambda x, s: quant_matmul(x, s, layer=jnp.int32(2), interpret=interpret))(x, stacked)
+                record(f"quant_matmul_{scheme}[layer=2]", f"M={m} K={k_in} N={n_out}",
+                       rel(got.astype(jnp.float32), ref), 2e-2)
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    s_len = context + prompt
+    k = jax.random.normal(next(key), (2, batch, s_len, kv, hd), jnp.bfloat16)
+    v = jax.random.normal(next(key), (2, batch, s_len, kv, hd), jnp.bfloat16)
+    lengths = jax.random.randint(next(key), (batch,), 1, context)
+    for t in (1, gamma + 1, prompt):
+        q = jax.random.normal(next(key), (batch, t, h, hd), jnp.bfloat16)
+        q_pos = (lengths[:, None] if t < prompt else 0) + jnp.arange(t, dtype=jnp.int32)[None, :]
+        q_pos = jnp.broadcast_to(q_pos, (batch, t)).astype(jnp.int32)
+        ref = attention_reference(q, k[1], v[1], q_pos).astype(jnp.float32)
+        got = jax.jit(lambda q, k, v, p: ragged_attention(q, k, v, p, layer=jnp.int32(1), interpret=interpret))(
+            q, k, v, q_pos).astype(jnp.float32)
+        record("ragged_attention[layer=1]", f"B={batch} T={t} S={s_len} H={h} KV={kv} hd={hd}",
+               jnp.max(jnp.abs(got - ref)), 3e-2)
+    for name, sc in (("greedy", SamplingConfig(0.0)), ("t1", SamplingConfig(1.0)),
+                     ("topkp", SamplingConfig(1.0, top_k=50, top_p=0.9))):
+        tl = 4 * jax.random.normal(next(key), (batch, gamma + 1, vocab), jnp.float32)
+        dl = tl[:, :gamma] + jax.random.normal(next(key), (batch, gamma, vocab), jnp.float32)
+        dt = jnp.argmax(dl, -1).astype(jnp.int32)
+        keys = jax.random.split(next(key), batch)
+        n_r, tok_r, lp_r = jax.jit(rejection_sample_reference, static_argnums=3)(tl, dl, dt, sc, keys)
+        n_k, tok_k, lp_k = jax.jit(lambda *a: rejection_sample(*a[:3], sc, a[3], interpret=interpret))(tl, dl, dt, keys)
+        same = float(jnp.mean((n_r == n_k) & jnp.all(tok_r == tok_k, axis=1)))
+        lp_err = float(jnp.max(jnp.where(tok_r == tok_k, jnp.abs(lp_r - lp_k), 0.0)))
+        record(f"rejection_{name}", f"B={batch} gamma={gamma} V={vocab}", 1.0 - same, 0.05, logprob_err=lp_err)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = ap.add_mutually_exclusive_group()
@@ -204,12 +264,26 @@ def main():
     size.add_argument("--full", action="store_true", help="real model shapes (default on GPU)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["matmul", "rejection", "attention"])
+    ap.add_argument("--preflight", action="store_true", help="only check every kernel against its reference")
+    ap.add_argument("--quick", action="store_true", help="Qwen2.5-1.5B shapes only, a short grid")
     args = ap.parse_args()
     on_cpu = platform() == "cpu"
     tiny = args.tiny or (on_cpu and not args.full)
     interpret = on_cpu
     reps = args.reps or (2 if tiny else 10)
     t0 = time.perf_counter()
+    tag = "cpu-interpret" if interpret else machine_tag()
+    if args.preflight:
+        cfg = TINY if tiny else SHAPE_PRESETS["qwen2.5-1.5b"]
+        sizes = dict(batch=4, context=48, prompt=32, vocab=TINY.vocab_size, gamma=3) if tiny else dict(
+            batch=64, context=2048, prompt=512, vocab=cfg.vocab_size, gamma=7)
+        rows = preflight(cfg, interpret, **sizes)
+        payload = {"benchmark": "preflight", "model": cfg.name, "interpret": interpret, "machine": machine(),
+                   "config": sizes, "checks": rows, "all_ok": all(r["ok"] for r in rows),
+                   "wall_s": time.perf_counter() - t0}
+        print(f"preflight: {sum(r['ok'] for r in rows)} of {len(rows)} checks ok")
+        print("wrote", write_json(f"preflight_{tag}.json", payload))
+        return
 
     if tiny:
         models = [("tiny", TINY)]
@@ -220,6 +294,9 @@ def main():
         config = dict(ms=[1, 8, 16, 32, 64], max_layers=256, vocab=151936, gammas=[3, 7, 11],
                       batches=[1, 16, 64], max_len=8192, contexts=[1024, 2048, 4096, 8192],
                       att_batches=[1, 16, 64], ts=[1, 8], att_layers=4)
+        if args.quick:
+            models = models[:1]
+            config.update(ms=[1, 64], gammas=[7], batches=[1, 64], contexts=[1024, 4096], att_batches=[1, 64])
     bw = copy_bandwidth(4 << 20 if tiny else 1 << 30)
     print(f"device-to-device copy bandwidth: {bw / 1e9:.1f} GB/s")
     results = {}
@@ -231,9 +308,9 @@ def main():
         results["attention"] = bench_attention(models, config["max_len"], config["contexts"],
                                                config["att_batches"], config["ts"], config["att_layers"],
                                                interpret, reps)
-    tag = "cpu-interpret" if interpret else machine_tag()
-    payload = {"benchmark": "bench_kernels", "mode": "tiny" if tiny else "full", "interpret": interpret,
-               "lowering": "interpret" if interpret else "pallas_call default GPU lowering (Triton)",
+    payload = {"benchmark": "bench_kernels", "mode": "tiny" if tiny else ("quick" if args.quick else "full"),
+               "interpret": interpret,
+               "lowering": "interpret" if interpret else "Triton (er_jax.kernels.call, explicit CompilerParams)",
                "machine": machine(), "copy_bandwidth_GBps": bw / 1e9,
                "config": {**config, "models": [m for m, _ in models], "reps": reps, "dtype": "bfloat16",
                           "scan_bytes": SCAN_BYTES}, **results, "wall_s": time.perf_counter() - t0}
