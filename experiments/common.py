@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from er_jax.bench import machine, machine_tag  # noqa: F401  (one definition, re-exported here)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Result files: experiments/results, or $ER_JAX_RESULTS (scripts/gpu_bench.sh points it at its output folder).
+RESULTS = os.environ.get("ER_JAX_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def write_json(name: str, payload: dict) -> str:
