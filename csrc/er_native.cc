@@ -332,11 +332,17 @@ void parallel_chunks(ffi::ThreadPool* xla_pool, int64_t threads, int64_t n, std:
   }
 }
 
-float* scratch(size_t floats) {
-  thread_local std::vector<float> buf;
+// Per-thread buffers, grown as needed and kept (no allocation, page faults or zero-filling per call):
+// kScratch for an item's block accumulator, kSlots for the per-thread accumulators of a K split and
+// kX for x converted to f32 (both owned by the calling thread for the duration of one call).
+enum Buffer { kScratch = 0, kSlots = 1, kX = 2 };
+float* buffer(Buffer which, size_t floats) {
+  thread_local std::vector<float> bufs[3];
+  std::vector<float>& buf = bufs[which];
   if (buf.size() < floats) buf.resize(floats);
   return buf.data();
 }
+float* scratch(size_t floats) { return buffer(kScratch, floats); }
 
 // ---------------------------------------------------------------------------------------------------
 // One matmul of already validated operands.
@@ -419,15 +425,15 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
   }
   // x as f32, row stride xs; zero padding up to an even K for int4 (the high nibble of the last byte).
   const bool pad = p.fmt == kInt4 && (p.k & 1);
-  std::vector<float> xbuf;
   if (!x_bf16 && !pad) {
     p.x = static_cast<const float*>(x);
     p.xs = p.k;
   } else {
     p.xs = p.k + (pad ? 1 : 0);
-    xbuf.assign(static_cast<size_t>(p.m * p.xs), 0.f);
+    float* xbuf = buffer(kX, static_cast<size_t>(p.m * p.xs));
     for (int64_t m = 0; m < p.m; ++m) {
-      float* d = xbuf.data() + m * p.xs;
+      float* d = xbuf + m * p.xs;
+      if (pad) d[p.k] = 0.f;
       if (x_bf16) {
         const uint16_t* s = static_cast<const uint16_t*>(x) + m * p.k;
         for (int64_t k = 0; k < p.k; ++k) {
@@ -438,7 +444,7 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
         std::memcpy(d, static_cast<const float*>(x) + m * p.k, sizeof(float) * p.k);
       }
     }
-    p.x = xbuf.data();
+    p.x = xbuf;
   }
   const Plan pl = plan(kern, p, threads, weight_bytes);
   const int64_t nc = pl.nc, cw = pl.cw, kr = pl.kr, ks = pl.ks;
@@ -454,13 +460,13 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
   }
   // Items (row range i / nc, column block i % nc); slot t accumulates into acc[t] [nc][M, cw].
   const int64_t slot_floats = nc * p.m * cw;
-  std::vector<float> acc(static_cast<size_t>(pl.threads * slot_floats));
+  float* acc = buffer(kSlots, static_cast<size_t>(pl.threads * slot_floats));  // zeroed by each first write
   std::vector<std::vector<char>> touched(pl.threads, std::vector<char>(nc, 0));
   parallel_chunks(xla_pool, pl.threads, nc * ks, [&](int64_t i, int slot) {
     const int64_t s = i / nc, c = i % nc;
     const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
     char& seen = touched[slot][c];
-    kern->run_block(p, s * kr, std::min(p.k, s * kr + kr), c0, c1, acc.data() + slot * slot_floats + c * p.m * cw,
+    kern->run_block(p, s * kr, std::min(p.k, s * kr + kr), c0, c1, acc + slot * slot_floats + c * p.m * cw,
                     seen != 0);
     seen = 1;
   });
@@ -469,7 +475,7 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
     parts.clear();
     for (int64_t t = 0; t < pl.threads; ++t)
-      if (touched[t][c]) parts.push_back(acc.data() + t * slot_floats + c * p.m * cw);
+      if (touched[t][c]) parts.push_back(acc + t * slot_floats + c * p.m * cw);
     finalize(parts.data(), static_cast<int64_t>(parts.size()), p.m, p.n, c0, c1 - c0, out);
   }
 }
