@@ -27,6 +27,3 @@ def main(argv=None) -> int:
         print(f"er-jax: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
