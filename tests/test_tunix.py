@@ -75,16 +75,20 @@ def tiny_config(family="llama3", tie=True, theta=1e6, layers=1, vocab=48) -> er_
 
 
 def random_weights(cfg, seed=1, scale=0.15):
-    w = er_jax.init_weights(cfg, jax.random.key(seed), scale=scale)
-    k = jax.random.key(seed + 100)
-    # non-trivial norms and biases, so every tensor's mapping matters
-    w["layers"]["attn_norm"] = 1 + 0.1 * jax.random.normal(jax.random.fold_in(k, 1), w["layers"]["attn_norm"].shape)
-    w["layers"]["mlp_norm"] = 1 + 0.1 * jax.random.normal(jax.random.fold_in(k, 2), w["layers"]["mlp_norm"].shape)
-    w["final_norm"] = 1 + 0.1 * jax.random.normal(jax.random.fold_in(k, 3), w["final_norm"].shape)
-    for i, b in enumerate(("bq", "bk", "bv")):
-        if b in w["layers"]:
-            w["layers"][b] = 0.1 * jax.random.normal(jax.random.fold_in(k, 4 + i), w["layers"][b].shape)
-    return w
+    """Random er_jax weights with non-trivial norms and biases, so every tensor's mapping matters (numpy RNG: no
+    jax op to compile)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: er_jax.init_weights(cfg, jax.random.key(0)))
+    norms = ("attn_norm", "mlp_norm", "final_norm")
+
+    def draw(path, spec):
+        name = jax.tree_util.keystr(path)
+        if any(n in name for n in norms):
+            return jnp.asarray(1 + 0.1 * rng.standard_normal(spec.shape), spec.dtype)
+        s = 0.1 if any(f"'{b}'" in name for b in ("bq", "bk", "bv")) else scale
+        return jnp.asarray(s * rng.standard_normal(spec.shape), spec.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def tunix_logits(model, tokens):
@@ -141,9 +145,9 @@ def test_weights_map_both_ways(family, tie):
     # tunix -> er_jax: a tunix model with its own random parameters
     state = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    leaves = [0.15 * jax.random.normal(k, a.shape, a.dtype) + (1.0 if a.ndim == 1 and a.shape[0] == cfg.hidden_size
-                                                              else 0.0) for k, a in zip(keys, leaves)]
+    rng = np.random.default_rng(3)
+    leaves = [jnp.asarray(0.15 * rng.standard_normal(a.shape) + (a.ndim == 1 and a.shape[0] == cfg.hidden_size),
+                          a.dtype) for a in leaves]
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
     w2 = T.weights_from_tunix(cfg, T.flatten_params(nnx.state(model, nnx.Param)))
     assert max_diff(_forward(cfg, w2, toks), tunix_logits(model, toks)) <= 1e-5
@@ -324,14 +328,16 @@ def test_grpo_with_er_jax_rollouts_adaptive():
 
     class Checked(T.ErJaxRollout):
         def generate(self, prompts, rollout_config=None, **kw):
+            ts = time.perf_counter()
             out = super().generate(prompts, rollout_config, **kw)
+            gen_s = time.perf_counter() - ts
             comp = np.full((len(out.tokens), rollout_config.max_tokens_to_generate), EOS, np.int32)
             for i, t in enumerate(out.tokens):
                 comp[i, : len(t)] = t
             ref = tunix_logps(snapshot(), out.left_padded_prompt_tokens, comp, rollout_config.temperature)
             diff = max(max_diff(out.logprobs[i], ref[i, : len(t)]) if len(t) else 0.0
                        for i, t in enumerate(out.tokens))
-            checks.append(dict(kind="rollout", diff=diff, sd_steps=self.last_stats["sd_steps"],
+            checks.append(dict(kind="rollout", diff=diff, sd_steps=self.last_stats["sd_steps"], s=gen_s,
                                weights=jax.tree.map(lambda a: a + 0, self.weights)))
             return out
 
@@ -360,7 +366,7 @@ def test_grpo_with_er_jax_rollouts_adaptive():
         return [c.count("a") / max(len(c), 1) for c in completions]
 
     learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=grpo_learner.GRPOConfig(
-        num_generations=4, num_iterations=2, beta=0.0), reward_fns=[reward])
+        num_generations=2, num_iterations=2, beta=0.0), reward_fns=[reward])
     t0 = time.perf_counter()
     learner.train([{"prompts": np.array(["ab"])} for _ in range(3)])
     elapsed = time.perf_counter() - t0
@@ -372,5 +378,6 @@ def test_grpo_with_er_jax_rollouts_adaptive():
     for a, b in zip(rollouts, rollouts[1:]):  # synced weights differ from one rollout to the next
         assert max(max_diff(x, y) for x, y in zip(jax.tree.leaves(a["weights"]), jax.tree.leaves(b["weights"]))) > 0
     assert len(cluster.rollout.update_times) >= 3
-    print(f"GRPO: {len(rollouts)} rollouts, sd steps {[c['sd_steps'] for c in rollouts]}, max |Δ logp| "
+    print(f"GRPO: {len(rollouts)} rollouts ({[round(c['s'], 1) for c in rollouts]} s), sd steps "
+          f"{[c['sd_steps'] for c in rollouts]}, max |Δ logp| "
           f"{max(c['diff'] for c in checks):.2e}, train {elapsed:.1f} s")
