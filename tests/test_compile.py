@@ -6,8 +6,12 @@
   module must hold one Triton custom call per Pallas kernel the step runs (a Pallas step whose kernels
   lowered to anything else, or vanished, fails), each with `num_warps` / `num_stages` set.
 - TPU: the TPU default backend's steps are compiled (not only lowered) for v5e and v6e topologies with
-  libtpu's compile-only devices (`pip install -e ".[tpu-compile]"`); without libtpu these tests skip,
+  libtpu's compile-only devices (`pip install -e ".[accel-compile]"`); without libtpu these tests skip,
   except under CI=true, where they fail.
+- CUDA, compiled (slow lane): with jax's CUDA plugin installed (the same extra; no CUDA libraries or driver
+  needed) a GPU topology built from an H100 target description gives a compile-only device, and the
+  steps compile for it, Triton kernels included (XLA's deviceless compilation), in a subprocess started
+  with JAX_PLATFORMS=cpu (the plugin then skips its CUDA library check).
 
 Coverage: the fast lane lowers one step of every kind and kernel class (tiny shapes, plus Qwen2.5-1.5B's
 largest SD step) and compiles the tiny TPU steps; `-m slow` lowers the grid below for tiny, SmolLM2-135M
@@ -19,6 +23,8 @@ import functools
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +116,13 @@ def check_cuda(kind, model, batch, prompt_bucket, sampling="t1", gamma=0, scheme
     assert "mosaic_gpu" not in text
     for name, stages, warps in kernels:
         assert 1 <= int(stages) <= 4 and int(warps) in (1, 2, 4, 8), (name, stages, warps)
+    # The drafter's weights reach its matmuls as the whole [L, ...] stacks (read in place at `layer`), not as
+    # per-layer slices XLA would copy out of the scan.
+    layers = MODELS[model].num_layers
+    for line in text.splitlines():
+        if "@__gpu$xla.gpu.triton" in line and "quant_matmul" in line:
+            operands = re.findall(r"tensor<([^>]*)>", line[line.rfind(": ("):])
+            assert operands[3].startswith(f"{layers}x"), f"{kind} {model}: quant_matmul weight {operands[3]}"
     return kernels
 
 
@@ -165,12 +178,17 @@ def test_every_step_lowers_for_cuda(model):
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 
 
-def _tpu_device(topology: str):
-    if importlib.util.find_spec("libtpu") is None:
-        msg = 'libtpu is not installed (pip install -e ".[tpu-compile]"): TPU compile tests cannot run'
+def _require(module: str, what: str):
+    """Skip without `module` (fail under CI=true: CI installs the accel-compile extra)."""
+    if importlib.util.find_spec(module) is None:
+        msg = f'{what} is not installed (pip install -e ".[accel-compile]"): this compile test cannot run'
         if os.environ.get("CI") == "true":
-            pytest.fail(msg + " -- CI must install the tpu-compile extra")
+            pytest.fail(msg + " -- CI must install the accel-compile extra")
         pytest.skip(msg)
+
+
+def _tpu_device(topology: str):
+    _require("libtpu", "libtpu")
     from jax.experimental import topologies
     return topologies.get_topology_desc(topology, "tpu").devices[0]
 
@@ -206,3 +224,54 @@ def test_tpu_default_steps_compile(topology):
 def test_tpu_default_steps_compile_at_real_shapes(topology):
     for row in SLOW_TPU:
         compile_tpu(topology, *row)
+
+
+# ---- CUDA compile without a GPU (deviceless XLA compilation for an H100 target) ----------------------------
+# XLA's GPU target description of an H100 SXM (xla/backends/gpu/target_config specs).
+H100 = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+runtime_version: { major: 12 minor: 8 patch: 0 }
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+CUDA_COMPILE = [("ar", "tiny", 1, 16, "greedy", 0, "int4"), ("prefill", "tiny", 64, 512, "topkp", 0, "int4"),
+                ("sd", "tiny", 64, 512, "topkp", 7, "int4"), ("sd", "tiny", 1, 16, "greedy", 3, "int8"),
+                ("compact", "tiny", 64, 512, "t1", 0, "int4"), ("sd", "smollm2", 64, 512, "t1", 11, "int8"),
+                ("prefill", "qwen", 64, 512, "t1", 0, "int4"), ("sd", "qwen", 64, 512, "topkp", 7, "int4")]
+
+
+def compile_cuda(rows):
+    """Compile `rows` for a compile-only H100 (needs the CUDA plugin, registered under JAX_PLATFORMS=cpu)."""
+    from jax.experimental import topologies
+    device = topologies.get_topology_desc("h100", "cuda", target_config=H100, topology="1x1x1").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    for row in rows:
+        kind, model, batch, pb, sampling, gamma, scheme = row
+        compiled = trace_step(kind, model, "pallas", batch, pb, sampling, gamma, scheme, place).lower().compile()
+        text = compiled.as_text()
+        want = expected_kernels(kind, sampling, scheme)
+        missing = [k for k in want if k not in text]
+        assert not missing, f"{row}: compiled without kernels {missing}"
+        print("compiled for H100:", row, flush=True)
+
+
+@pytest.mark.slow
+def test_steps_compile_for_h100_without_a_gpu():
+    _require("jax_plugins.xla_cuda12", "jax's CUDA plugin (jax-cuda12-plugin)")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "cuda-compile"], env=env,
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("compiled for H100:") == len(CUDA_COMPILE)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["cuda-compile"]:
+    compile_cuda(CUDA_COMPILE)
