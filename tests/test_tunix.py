@@ -222,6 +222,8 @@ def test_unsupported_models_and_fields_are_refused():
                                 ("tensor_parallel_size", 2, "tensor_parallel_size")]:
         with pytest.raises(ValueError, match=match):
             make(rollout_config=base_rollout.RolloutConfig(**{field: value}))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make(mode="fast")
     with pytest.raises(ValueError, match="unknown keyword"):
         make(kernel="xla")
     with pytest.raises(ValueError, match="q_norm|Llama 3"):

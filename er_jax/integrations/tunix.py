@@ -356,6 +356,8 @@ def _teacher_forced_logps(cfg: ModelConfig, pad_id: int, temperature: float, wei
 
 # -- the rollout engine -------------------------------------------------------------------------------------
 
+MODES = ("ar", "sd", "toggle", "adaptive", "auto")
+DRAFTERS = ("int4", "int8")
 _DATA_AXES = ("data", "dp", "fsdp", "batch")
 _MODEL_AXES = ("model", "tp", "tensor")
 _OTHER_ENGINE_PREFIXES = ("rollout_vllm_", "rollout_sglang_jax_")
@@ -436,6 +438,8 @@ class ErJaxRollout(base_rollout.BaseRollout):
                 f"er_jax.integrations.tunix.fix_tunix_llama3_rope() before building the models (recommended: "
                 f"tunix then uses the configured base, as the weights' reference does), or pass "
                 f"rope_theta={TUNIX_ROPE_BASE:g} to ErJaxRollout to reproduce tunix's model as it is")
+        if mode not in MODES or drafter not in DRAFTERS:  # SpecRollout is built lazily: say it now
+            raise ValueError(f"mode must be one of {MODES} and drafter one of {DRAFTERS}; got {mode!r}, {drafter!r}")
         self.mode, self.drafter, self.draft_length = mode, drafter, draft_length
         self.max_batch = max_batch
         self.max_prompt_len = int(max_prompt_len or rc.max_prompt_length)
