@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64, help="RolloutConfig.max_prompt_length")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backend", default=None, help="er_jax op backend (SpecRollout's kernels=); default: the "
+                                                   "platform's")
     args = ap.parse_args()
 
     import jax
@@ -80,14 +82,15 @@ def main():
     sample = lambda seed: base_rollout.RolloutConfig(**base, temperature=1.0, top_p=1.0, eos_tokens=eos,
                                                      seed=jax.random.PRNGKey(seed))
 
+    spec_kw = {"kernels": args.backend} if args.backend else {}
     systems = {
         "tunix_vanilla": vanilla_rollout.VanillaRollout(model, tok, base_rollout.CacheConfig(
             cache_size=args.prompt_len + args.new_tokens, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim)),
         "er_jax_ar": T.ErJaxRollout(rollout_actor=model, tokenizer=tok, rollout_config=greedy, mode="ar",
-                                    max_batch=bmax),
+                                    max_batch=bmax, spec_rollout_kwargs=spec_kw),
         "er_jax_adaptive": T.ErJaxRollout(rollout_actor=model, tokenizer=tok, rollout_config=greedy,
-                                          mode="adaptive", max_batch=bmax),
+                                          mode="adaptive", max_batch=bmax, spec_rollout_kwargs=spec_kw),
     }
     names = list(systems)
     print(f"setup {time.perf_counter() - t0:.1f} s", flush=True)
@@ -158,6 +161,7 @@ def main():
                                              "says; SmolLM2 needs 1e5. fix_tunix_llama3_rope() was applied.",
                                      "patched": patched, "unpatched_max_logit_diff": bug_diff,
                                      "unpatched_argmax_agreement": bug_agree, "patched_max_logit_diff": fixed_diff},
+               "er_jax_backend": systems["er_jax_ar"].last_stats.get("kernels"),
                "identical_prompt_ids": bool(same_prompts), "greedy_agreement": agreement,
                "load_average_start": load_start, "load_average_end": os.getloadavg(),
                "total_s": time.perf_counter() - t0, "rows": rows}
