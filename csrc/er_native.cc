@@ -5,8 +5,8 @@
 //   er_jax_native_int8(x, data, scale)        -> y   data int8 [..., K, N], scale f32 [..., 1, N]
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
-// y has x's dtype; accumulation is f32. Every handler takes the int32 attribute `isa` (0: the process
-// default, 1: portable, 2: avx2, 3: avx512). Leading dimensions (from vmap_method="expand_dims") are
+// y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
+// default, 1: portable, 2: avx2, 3: avx512) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
 // all of x's leading rows run as one matmul (the weights are read once).
 #include <sched.h>
@@ -498,7 +498,7 @@ struct Operand {
 };
 
 ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyBuffer w, const ffi::AnyBuffer* scale,
-                       const ffi::AnyBuffer* zero, ffi::Result<ffi::AnyBuffer>& y, int32_t isa) {
+                       const ffi::AnyBuffer* zero, ffi::Result<ffi::AnyBuffer>& y, int32_t isa, int32_t max_threads) {
   const Dispatch& d = dispatch();
   const Kernels* kern = d.active;
   if (isa != kAuto) {
@@ -572,8 +572,9 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   int64_t batch = 1;
   for (size_t i = 0; i < lead; ++i) batch *= yd[i];
 
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
-                                                                 threading().use_xla ? tp.num_threads() : 1 << 30));
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
+                                                           threading().use_xla ? tp.num_threads() : 1 << 30));
+  if (max_threads > 0) threads = std::min<int64_t>(threads, max_threads);
   ffi::ThreadPool* xla_pool = threading().use_xla ? &tp : nullptr;
   const size_t wbytes = static_cast<size_t>(ops[1].batch_stride_bytes);
   Problem p{};
@@ -613,16 +614,16 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
 }
 
 ffi::Error dense_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                      int32_t isa) {
-  return run_handler(tp, kF32, x, w, nullptr, nullptr, y, isa);
+                      int32_t isa, int32_t threads) {
+  return run_handler(tp, kF32, x, w, nullptr, nullptr, y, isa, threads);
 }
 ffi::Error int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
-                     ffi::Result<ffi::AnyBuffer> y, int32_t isa) {
-  return run_handler(tp, kInt8, x, data, &scale, nullptr, y, isa);
+                     ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
+  return run_handler(tp, kInt8, x, data, &scale, nullptr, y, isa, threads);
 }
 ffi::Error int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
-                     ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int32_t isa) {
-  return run_handler(tp, kInt4, x, data, &scale, &zero, y, isa);
+                     ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
+  return run_handler(tp, kInt4, x, data, &scale, &zero, y, isa, threads);
 }
 
 }  // namespace
@@ -636,7 +637,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_dense, er_native::dense_impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int8, er_native::int8_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -644,7 +646,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int8, er_native::int8_impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int4, er_native::int4_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -653,7 +656,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int4, er_native::int4_impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
 
 // Plain C queries for kernels/native.py (ctypes).
 extern "C" {

@@ -4,7 +4,7 @@ For SmolLM2-135M (hidden 576, 9 / 3 heads of 64, MLP 1536, 30 layers) and Qwen2.
 12 / 2 heads of 128, MLP 8960): q/o, k/v, gate/up and down, M = 1 .. 64 rows. Systems: XLA f32 (jnp.dot
 of f32 weights), native f32, native bf16, native int8, native int4 (both in er_jax.quant.QuantArray's
 layout). Each timing is one jitted chain of matmuls over enough distinct weight copies that the working
-set exceeds the 32 MiB L3 where it can (<= 64 copies; `in_l3` flags the rest), each matmul depending on
+set exceeds the 32 MiB L3 where it can (<= 16 copies, >= 64 MiB; `in_l3` flags the rest), each matmul depending on
 the previous one so none run concurrently; the per-matmul time is the chain's over its length. Systems
 alternate within each repeat (order rotated) and medians over repeats are reported. The "model step"
 rows time all 7 projections of SmolLM2's 30 layers in one chain (what a decode step streams).
@@ -79,7 +79,7 @@ def chain_fn(system: str, ks: list[int]):
     return jax.jit(f)
 
 
-def time_chain(fn, xs, ws, inner: int = 3) -> float:
+def time_chain(fn, xs, ws, inner: int = 2) -> float:
     best = []
     for _ in range(inner):
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def time_chain(fn, xs, ws, inner: int = 3) -> float:
     return float(np.median(best))
 
 
-def weights_for(system, kns, rng, max_copies=64, min_bytes=128 << 20):
+def weights_for(system, kns, rng, max_copies=16, min_bytes=64 << 20):
     """Distinct weight copies of the shapes `kns` (one list entry per matmul of the chain)."""
     base = [make_weight(system, jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)))
             for k, n in kns]
@@ -176,7 +176,7 @@ def plot(res: dict, path: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, M in {1, 16}, 2 repeats; no files")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
     if not native.available():
         raise SystemExit(f"native kernels unavailable: {native.why_unavailable()}")
@@ -205,7 +205,7 @@ def main(argv=None):
         layer = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
         case = "smollm2 model step (7 x 30 projections)"
         print(case, flush=True)
-        res["cases"][case] = bench_case(layer * c["layers"], (1, 4, 16, 64), reps, rng)
+        res["cases"][case] = bench_case(layer * c["layers"], (1, 16), reps, rng)
     res["loadavg_end"] = os.getloadavg()
     res["wall_s"] = time.time() - t0
 

@@ -143,10 +143,10 @@ def matmul_reference(x, w):
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def matmul(x, w, *, ex=None, name=None, isa: str | None = None):
+def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | None = None):
     """x [..., K] @ w [K, N] -> [..., N] in x.dtype (f32 accumulation). `ex` / `name`: the backend seam's
     uniform signature, ignored. `isa`: run this ISA's kernel for any M <= MAX_M (tests, benchmarks);
-    default: the process's ISA up to AUTO_MAX_M rows, XLA beyond."""
+    default: the process's ISA up to AUTO_MAX_M rows, XLA beyond. `threads`: cap this call's threads."""
     del ex, name
     if not hasattr(w, "shape") or not hasattr(w, "dtype") or w.ndim != 2:
         raise ValueError(f"matmul: w must be a 2-D [K, N] array, got {getattr(w, 'shape', type(w).__name__)}")
@@ -159,13 +159,14 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None):
         return matmul_reference(x, w)
     code = _isa_code(isa)
     y = jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((m, n), x.dtype),
-                         vmap_method="expand_dims")(x.reshape(m, k), w, isa=np.int32(code))
+                         vmap_method="expand_dims")(x.reshape(m, k), w, isa=np.int32(code),
+                                                               threads=np.int32(threads or 0))
     return y.reshape(*x.shape[:-1], n)
 
 
-def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None):
+def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None, threads: int | None = None):
     """x [..., K] @ dequantize(qa) -> [..., N] in x.dtype (f32 accumulation), qa a 2-D QuantArray read in
-    place. `ex` / `name` are ignored (the backend seam's signature); `isa` as in `matmul`."""
+    place. `ex` / `name` are ignored (the backend seam's signature); `isa`, `threads` as in `matmul`."""
     del ex, name
     from er_jax.kernels.quant_matmul import quant_matmul_reference
 
@@ -201,10 +202,10 @@ def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None):
     x2 = x.reshape(m, k)
     if qa.scheme == "int8":
         y = jax.ffi.ffi_call("er_jax_native_int8", out, vmap_method="expand_dims")(
-            x2, qa.data, qa.scale, isa=np.int32(code))
+            x2, qa.data, qa.scale, isa=np.int32(code), threads=np.int32(threads or 0))
     else:
         y = jax.ffi.ffi_call("er_jax_native_int4", out, vmap_method="expand_dims")(
-            x2, qa.data, qa.scale, qa.zero, isa=np.int32(code))
+            x2, qa.data, qa.scale, qa.zero, isa=np.int32(code), threads=np.int32(threads or 0))
     return y.reshape(*x.shape[:-1], n)
 
 
