@@ -107,6 +107,7 @@ ATT_CASES = [  # (B, T, H, KV, hd, S, dtype, block_s, num_splits, lengths)
     (2, 3, 6, 3, 32, 7, jnp.bfloat16, None, None, [4, 1]),  # a cache shorter than one tile, G = 2
     (64, 2, 2, 1, 16, 24, jnp.bfloat16, 16, 2, None),  # B = 64, random lengths
     (2, 1, 4, 2, 16, 48, jnp.float32, 16, 1, [47, 16]),  # one split (normalized in the kernel), length at max
+    (2, 80, 4, 2, 16, 96, jnp.float32, 16, 2, [0, 16]),  # prefill-like: 160 query rows -> two 128-row tiles
 ]
 
 
