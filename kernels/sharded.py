@@ -12,6 +12,8 @@ the KV cache (batch over "data", attention heads / MLP columns over "model"):
 - attention: query heads and their KV heads are split alike over "model" (heads [s*H/tp, (s+1)*H/tp) use
   KV heads [s*KV/tp, (s+1)*KV/tp), so grouped-query pairs never cross a shard), rows over "data".
 - rejection: rows over "data"; the vocabulary of the logits is gathered (sampling needs all of it).
+- the drafter's int8 LM head (`lm_head_q`, replicated by er_jax.sharding): rows over "data", weight whole.
+Stacked projections with `layer=` (the drafter inside the layer scan) keep the layer axis whole.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from er_jax.quant import QuantArray
 
 COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")
 ROW = ("wo", "w_down")
+REPLICATED = ("lm_head",)  # the drafter's int8 head (`lm_head_q`): whole on every device, rows over "data"
 
 
 def _rows(ndim: int, last=None) -> P:
@@ -32,24 +35,32 @@ def _rows(ndim: int, last=None) -> P:
     return P("data", *([None] * (ndim - 2)), last)
 
 
-def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh):
-    """x [B, ..., K] @ projection `name` (a [K, N] QuantArray placed by er_jax.sharding) on `mesh`."""
+def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh, layer=None):
+    """x [B, ..., K] @ projection `name` (a [K, N] QuantArray placed by er_jax.sharding) on `mesh`; with
+    `layer`, qa is the stacked [L, K, N] projection and layer `layer` is read in place on each shard."""
+    lead = () if layer is None else (None,)
     if name in COLUMN:
-        split, x_spec, out_spec, k_local = P(None, "model"), _rows(x.ndim), _rows(x.ndim, "model"), qa.in_features
+        split, x_spec, out_spec, k_local = P(*lead, None, "model"), _rows(x.ndim), _rows(x.ndim, "model"), qa.in_features
     elif name in ROW:
-        split, x_spec, out_spec = P("model", None), _rows(x.ndim, "model"), _rows(x.ndim)
+        split, x_spec, out_spec = P(*lead, "model", None), _rows(x.ndim, "model"), _rows(x.ndim)
         k_local = qa.in_features // mesh.shape["model"]
+    elif name in REPLICATED:
+        split, x_spec, out_spec, k_local = P(), _rows(x.ndim), _rows(x.ndim), qa.in_features
     else:
-        raise ValueError(f"no tensor-parallel layout for projection {name!r}; expected one of {COLUMN + ROW}")
+        raise ValueError(f"no tensor-parallel layout for projection {name!r}; expected one of "
+                         f"{COLUMN + ROW + REPLICATED}")
     fields = (qa.data, qa.scale) + (() if qa.zero is None else (qa.zero,))
     # int8's per-column scale [1, N] of a row-parallel weight is whole on every shard.
     specs = (split, P() if name in ROW and qa.scheme == "int8" else split) + (() if qa.zero is None else (split,))
+    if layer is not None:
+        fields, specs = (layer, *fields), (P(), *specs)
 
-    def shard(xs, data, scale, zero=None):
-        w = QuantArray(data, scale, zero, qa.scheme, k_local, qa.group_size)
-        if name in COLUMN:
-            return quant_kernel(xs, w)
-        return jax.lax.psum(quant_kernel(xs, w, out_dtype="float32"), "model").astype(xs.dtype)
+    def shard(xs, *args):
+        li, (data, scale, *zero) = (None, args) if layer is None else (args[0], args[1:])
+        w = QuantArray(data, scale, zero[0] if zero else None, qa.scheme, k_local, qa.group_size)
+        if name not in ROW:
+            return quant_kernel(xs, w, layer=li)
+        return jax.lax.psum(quant_kernel(xs, w, layer=li, out_dtype="float32"), "model").astype(xs.dtype)
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(x_spec, *specs), out_specs=out_spec,
                          check_vma=False)(x, *fields)
