@@ -8,10 +8,13 @@ from er_jax.kernels.quant_matmul import quant_matmul as _quant_matmul
 from er_jax.kernels.rejection import rejection_sample as _rejection_sample
 
 
-def quant_matmul(x, qa, *, ex, name=None):
+def quant_matmul(x, qa, *, ex, name=None, layer=None):
     if ex.mesh is not None:
-        return sharded.quant_matmul(x, qa, name, ex.mesh)
-    return _quant_matmul(x, qa)
+        return sharded.quant_matmul(x, qa, name, ex.mesh, layer=layer)
+    return _quant_matmul(x, qa, layer=layer)
+
+
+quant_matmul.reads_stacked = True  # takes a stacked [L, K, N] QuantArray with `layer=` (er_jax.model)
 
 
 def attention(q, k, v, q_pos, *, ex, layer=None):
