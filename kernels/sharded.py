@@ -40,7 +40,8 @@ def quant_matmul(x, qa: QuantArray, name: str, mesh: Mesh, layer=None):
     `layer`, qa is the stacked [L, K, N] projection and layer `layer` is read in place on each shard."""
     lead = () if layer is None else (None,)
     if name in COLUMN:
-        split, x_spec, out_spec, k_local = P(*lead, None, "model"), _rows(x.ndim), _rows(x.ndim, "model"), qa.in_features
+        split, x_spec, out_spec = P(*lead, None, "model"), _rows(x.ndim), _rows(x.ndim, "model")
+        k_local = qa.in_features
     elif name in ROW:
         split, x_spec, out_spec = P(*lead, "model", None), _rows(x.ndim, "model"), _rows(x.ndim)
         k_local = qa.in_features // mesh.shape["model"]

@@ -236,7 +236,8 @@ def test_seed_maps_to_the_same_key():
         k = jax.random.PRNGKey(s)
         assert (jax.random.key_data(jax.random.key(T._seed_int(k))) == k).all()
     assert T._seed_int(None) == 0 and T._seed_int(5) == 5
-    keys = [jax.random.fold_in(jax.random.key(3), i) for i in range(4)] + list(jax.random.split(jax.random.PRNGKey(1), 4))
+    keys = [jax.random.fold_in(jax.random.key(3), i) for i in range(4)]
+    keys += list(jax.random.split(jax.random.PRNGKey(1), 4))
     seeds = [T._seed_int(k) for k in keys]  # other keys: deterministic, distinct, valid int seeds
     assert seeds == [T._seed_int(k) for k in keys] and len(set(seeds)) == len(seeds)
     assert all(-2**31 <= s < 2**31 for s in seeds)
