@@ -222,8 +222,10 @@ def test_tpu_default_steps_compile(topology):
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_tpu_default_steps_compile_at_real_shapes(topology):
+    # The Qwen2.5-1.5B step takes minutes per topology on 2 cores: compiled for v6e only (CI time).
     for row in SLOW_TPU:
-        compile_tpu(topology, *row)
+        if row[1] != "qwen" or topology.startswith("v6e"):
+            compile_tpu(topology, *row)
 
 
 # ---- CUDA compile without a GPU (deviceless XLA compilation for an H100 target) ----------------------------
