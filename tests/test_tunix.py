@@ -358,7 +358,10 @@ def test_grpo_with_er_jax_rollouts_adaptive():
                       rl_cluster_lib.Role.ROLLOUT: mesh},
         rollout_engine=functools.partial(Checked, mode="adaptive", spec_rollout_kwargs=dict(layout="stacked")),
         offload_to_cpu=False,
-        training_config=rl_cluster_lib.RLTrainingConfig(actor_optimizer=optax.adam(3e-3), eval_every_n_steps=1000,
+        # AdamW's decoupled weight decay moves the weights at every step even when a group's rewards tie (zero
+        # advantage), so "the synced weights change between rollouts" below holds deterministically.
+        training_config=rl_cluster_lib.RLTrainingConfig(actor_optimizer=optax.adamw(3e-3, weight_decay=0.1),
+                                                        eval_every_n_steps=1000,
                                                         max_steps=6),
         rollout_config=rc)
     cluster = rl_cluster_lib.RLCluster(actor=actor, tokenizer=CharTokenizer(), cluster_config=cluster_config)
