@@ -7,7 +7,8 @@ layout). Each timing is one jitted chain of matmuls over enough distinct weight 
 set exceeds the 32 MiB L3 where it can (<= 16 copies, >= 64 MiB; `in_l3` flags the rest), each matmul depending on
 the previous one so none run concurrently; the per-matmul time is the chain's over its length. Systems
 alternate within each repeat (order rotated) and medians over repeats are reported. The "model step"
-rows time all 7 projections of SmolLM2's 30 layers in one chain (what a decode step streams).
+rows (--model-step) time all 7 projections of SmolLM2's 30 layers in one chain (what a decode step
+streams; slow to compile).
 
   python experiments/bench_native.py            # full run -> experiments/results/bench_native_cpu.{json,png}
   python experiments/bench_native.py --quick    # smoke run (a few shapes, 2 repeats), not written
@@ -30,9 +31,9 @@ from common import RESULTS, machine, read_bandwidth, write_json  # noqa: E402
 from er_jax.kernels import native  # noqa: E402
 from er_jax.quant import quantize_int4, quantize_int8  # noqa: E402
 
-MODELS = {
-    "smollm2": {"hidden": 576, "q": 576, "kv": 192, "mlp": 1536, "layers": 30},
+MODELS = {  # Qwen first: its MLP shapes carry the targets, and a run stopped early keeps them
     "qwen2.5-1.5b": {"hidden": 1536, "q": 1536, "kv": 256, "mlp": 8960, "layers": 28},
+    "smollm2": {"hidden": 576, "q": 576, "kv": 192, "mlp": 1536, "layers": 30},
 }
 SYSTEMS = ("xla_f32", "native_f32", "native_bf16", "native_int8", "native_int4")
 MS = (1, 2, 4, 8, 16, 32, 64)
@@ -41,8 +42,8 @@ L3_BYTES = 32 << 20
 
 def shapes(model: str) -> dict:
     c = MODELS[model]
-    return {"q/o": (c["hidden"], c["q"]), "k/v": (c["hidden"], c["kv"]), "gate/up": (c["hidden"], c["mlp"]),
-            "down": (c["mlp"], c["hidden"])}
+    return {"gate/up": (c["hidden"], c["mlp"]), "down": (c["mlp"], c["hidden"]), "q/o": (c["hidden"], c["q"]),
+            "k/v": (c["hidden"], c["kv"])}
 
 
 def make_weight(system: str, w):
@@ -173,10 +174,36 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def summarize(res: dict) -> None:
+    """M = 1 speed-ups and the issue-12 targets (Qwen2.5-1.5B MLP shapes), from what was measured so far."""
+
+    # Targets (issue 12): at M = 1 on Qwen2.5-1.5B's MLP shapes.
+    summary = {}
+    for case, data in res["cases"].items():
+        if 1 not in data["xla_f32"]:
+            continue
+        base = data["xla_f32"][1]["s"]
+        summary[case] = {s: {"speedup_vs_xla_f32": base / data[s][1]["s"], "gbs": data[s][1]["gbs"],
+                             "fraction_of_read_bw": data[s][1]["gbs"] / res["read_bandwidth_gbs"]}
+                         for s in SYSTEMS}
+    res["m1_summary"] = summary
+    targets = {}
+    for case in summary:
+        if case.startswith("qwen2.5-1.5b") and ("gate/up" in case or "down" in case):
+            s = summary[case]
+            targets[case] = {"int8_speedup": s["native_int8"]["speedup_vs_xla_f32"], "int8_target": 3.0,
+                             "int4_speedup": s["native_int4"]["speedup_vs_xla_f32"], "int4_target": 4.5,
+                             "int8_fraction_bw": s["native_int8"]["fraction_of_read_bw"],
+                             "int4_fraction_bw": s["native_int4"]["fraction_of_read_bw"], "fraction_target": 0.7}
+    res["targets_m1_qwen_mlp"] = targets
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, M in {1, 16}, 2 repeats; no files")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model-step", action="store_true",
+                    help="also time SmolLM2's whole step (210 matmuls in one jit: slow to compile on CPU)")
     args = ap.parse_args(argv)
     if not native.available():
         raise SystemExit(f"native kernels unavailable: {native.why_unavailable()}")
@@ -199,7 +226,11 @@ def main(argv=None):
             case = f"{model} {name} {k}x{n}"
             print(case, flush=True)
             res["cases"][case] = bench_case([(k, n)], ms, reps, rng)
-    if not args.quick:  # SmolLM2's whole decode step: 7 projections x 30 layers, one chain (no copies)
+            if not args.quick:  # written after every case: a long run stopped early keeps what it measured
+                summarize(res)
+                write_json("bench_native_cpu.json", {**res, "partial": True, "loadavg_now": os.getloadavg(),
+                                                     "wall_s": time.time() - t0})
+    if args.model_step and not args.quick:  # SmolLM2's whole decode step: 7 projections x 30 layers, one chain (no copies)
         c = MODELS["smollm2"]
         d, q, kv, f = c["hidden"], c["q"], c["kv"], c["mlp"]
         layer = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
@@ -208,26 +239,8 @@ def main(argv=None):
         res["cases"][case] = bench_case(layer * c["layers"], (1, 16), reps, rng)
     res["loadavg_end"] = os.getloadavg()
     res["wall_s"] = time.time() - t0
-
-    # Targets (issue 12): at M = 1 on Qwen2.5-1.5B's MLP shapes.
-    summary = {}
-    for case, data in res["cases"].items():
-        if 1 not in data["xla_f32"]:
-            continue
-        base = data["xla_f32"][1]["s"]
-        summary[case] = {s: {"speedup_vs_xla_f32": base / data[s][1]["s"], "gbs": data[s][1]["gbs"],
-                             "fraction_of_read_bw": data[s][1]["gbs"] / res["read_bandwidth_gbs"]}
-                         for s in SYSTEMS}
-    res["m1_summary"] = summary
-    targets = {}
-    for case in summary:
-        if case.startswith("qwen2.5-1.5b") and ("gate/up" in case or "down" in case):
-            s = summary[case]
-            targets[case] = {"int8_speedup": s["native_int8"]["speedup_vs_xla_f32"], "int8_target": 3.0,
-                             "int4_speedup": s["native_int4"]["speedup_vs_xla_f32"], "int4_target": 4.5,
-                             "int8_fraction_bw": s["native_int8"]["fraction_of_read_bw"],
-                             "int4_fraction_bw": s["native_int4"]["fraction_of_read_bw"], "fraction_target": 0.7}
-    res["targets_m1_qwen_mlp"] = targets
+    summarize(res)
+    targets = res["targets_m1_qwen_mlp"]
     for case, t in targets.items():
         print(f"{case}: int8 x{t['int8_speedup']:.2f} (>= 3), int4 x{t['int4_speedup']:.2f} (>= 4.5) of XLA f32; "
               f"{100 * t['int8_fraction_bw']:.0f}% / {100 * t['int4_fraction_bw']:.0f}% of read bandwidth (>= 70%)")
