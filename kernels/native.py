@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from er_jax.config import platform
+from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.quant import QuantArray
 
 ISAS = {"portable": 1, "avx2": 2, "avx512": 3}
@@ -135,12 +137,7 @@ def _check_x(x, k: int, what: str):
 def _native_ok(x, m: int, n: int, k: int, kind: str, isa_name) -> bool:
     limit = MAX_M if isa_name is not None else AUTO_MAX_M[kind]
     return (jnp.dtype(x.dtype) in _NATIVE_DTYPES and 0 < m <= limit and n > 0 and k > 0 and available()
-            and jax.default_backend() == "cpu")
-
-
-def matmul_reference(x, w):
-    """x @ w in f32 accumulation, cast to x.dtype."""
-    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+            and platform() == "cpu")
 
 
 def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | None = None):
@@ -168,8 +165,6 @@ def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None, threads: 
     """x [..., K] @ dequantize(qa) -> [..., N] in x.dtype (f32 accumulation), qa a 2-D QuantArray read in
     place. `ex` / `name` are ignored (the backend seam's signature); `isa`, `threads` as in `matmul`."""
     del ex, name
-    from er_jax.kernels.quant_matmul import quant_matmul_reference
-
     if not isinstance(qa, QuantArray):
         raise ValueError(f"quant_matmul: qa must be an er_jax.quant.QuantArray, got {type(qa).__name__}")
     if qa.data.ndim != 2:

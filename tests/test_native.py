@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from er_jax.kernels import native
-from er_jax.kernels.quant_matmul import quant_matmul_reference
+from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.quant import QuantArray, quantize_int4, quantize_int8, unpack_int4
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
@@ -106,7 +106,7 @@ def test_dense_every_isa(k, n, wdt, xdt):
     _, w = _data(1, k, n, seed=k)
     wj = jnp.asarray(w, wdt)
     xs = [jnp.asarray(_data(m, k, 1, seed=m)[0], xdt) for m in MS]
-    refs = jax.jit(lambda xs, w: [native.matmul_reference(x, w) for x in xs])(xs, wj)
+    refs = jax.jit(lambda xs, w: [matmul_reference(x, w) for x in xs])(xs, wj)
     w_abs = _abs_weights(wj.astype(jnp.float32))
     for isa in _isas():  # one compile per ISA for every M
         ys = jax.jit(lambda xs, w: [native.matmul(x, w, isa=isa) for x in xs])(xs, wj)
@@ -165,12 +165,12 @@ def test_leading_dims_jit_vmap_scan():
     w_abs = _abs_weights(w0)
 
     # leading dims of x flattened into M; jit
-    _check(jax.jit(native.matmul)(x, w0), native.matmul_reference(x, w0), x, w_abs)
+    _check(jax.jit(native.matmul)(x, w0), matmul_reference(x, w0), x, w_abs)
     _check(jax.jit(native.quant_matmul)(x, q40), quant_matmul_reference(x, q40), x, _abs_weights(q40), 40)
 
     # vmap over x only (folded into one call) and over the weights (one call per weight)
     xb = jnp.asarray(rng.standard_normal((4, 5, k)), jnp.float32)
-    _check(jax.vmap(lambda xi: native.matmul(xi, w0))(xb), native.matmul_reference(xb, w0), xb, w_abs)
+    _check(jax.vmap(lambda xi: native.matmul(xi, w0))(xb), matmul_reference(xb, w0), xb, w_abs)
     y = jax.vmap(lambda qa: native.quant_matmul(x, qa))(q4)
     ref = jnp.stack([quant_matmul_reference(x, jax.tree_util.tree_map(lambda a: a[i], q4)) for i in range(layers)])
     _check(y, ref, jnp.broadcast_to(x, (layers, *x.shape)), _abs_weights(q40) * 2, 40)
@@ -187,7 +187,7 @@ def test_leading_dims_jit_vmap_scan():
 
     h_ref = x
     for i in range(layers):
-        h_ref = native.matmul_reference(h_ref, ws[i])
+        h_ref = matmul_reference(h_ref, ws[i])
     h = jax.jit(lambda x, ws: jax.lax.scan(body, x, ws)[0])(x, ws)
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=1e-4, atol=1e-5)
     hq = jax.jit(lambda x, q: jax.lax.scan(body_q, x, q)[0])(x, q4)
@@ -203,8 +203,8 @@ def test_routes_to_reference_outside_its_domain():
     x_big = jnp.asarray(rng.standard_normal((native.MAX_M + 1, 64)), jnp.float32)
     if native.available():  # past MAX_M even an explicit isa takes the reference
         np.testing.assert_allclose(np.asarray(native.matmul(x_big, w, isa=native.isa())),
-                                   np.asarray(native.matmul_reference(x_big, w)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(native.matmul(x_big, w)), np.asarray(native.matmul_reference(x_big, w)),
+                                   np.asarray(matmul_reference(x_big, w)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(native.matmul(x_big, w)), np.asarray(matmul_reference(x_big, w)),
                                rtol=1e-5, atol=1e-5)
     x16 = x_big[:3].astype(jnp.float16)
     y = native.matmul(x16, w)
