@@ -5,6 +5,7 @@
 //   er_jax_native_int8(x, data, scale)        -> y   data int8 [..., K, N], scale f32 [..., 1, N]
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
+//   er_jax_native_attention(q, k, v, q_pos, layer) -> o   attention over the cache, read in place (below)
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
 // default, 1: portable, 2: avx2, 3: avx512) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -626,6 +628,69 @@ ffi::Error int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, 
   return run_handler(tp, kInt4, x, data, &scale, &zero, y, isa, threads);
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Attention over the KV cache, read in place (kernels/attention.py's attention_reference, the semantics).
+//   q f32|bf16 [B, T, H, hd]; k, v f32|bf16 [L, B, S, KV, hd] (one layer: L = 1); q_pos int32 [B, T];
+//   layer int32 [] -> o [B, T, H, hd] in q's dtype. Key j is visible to query (b, t) iff j <= q_pos[b, t];
+//   H = KV * G (GQA, head h = kv * G + g). A query with no visible key (q_pos < 0) gets zeros.
+// Work item: one (b, kv head, chunk of <= kAttnRows of its T * G query rows). It reads the keys up to its
+// chunk's largest position once for all of the chunk's rows: scores [rows, n] in a thread buffer, an exact
+// f32 softmax per row (max, exp, sum), then o = p @ V; with a bf16 cache p is rounded to bf16 before
+// p @ V, as the reference casts p to V's dtype. XLA instead transposes each layer's K and V into a
+// [B, KV, S, hd] copy and runs B * KV tiny batched dots (docs/cpu_profile.md): ~15x the bytes' time.
+
+constexpr int64_t kAttnRows = 32;  // query rows per work item
+
+ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> o,
+                          int32_t isa, int32_t max_threads) {
+  const auto qt = q.element_type(), kt = k.element_type();
+  const bool q_bf16 = qt == ffi::DataType::BF16, kv_bf16 = kt == ffi::DataType::BF16;
+  if (qt != ffi::DataType::F32 && !q_bf16) return invalid("attention: q must be float32 or bfloat16");
+  if (kt != ffi::DataType::F32 && !kv_bf16) return invalid("attention: k must be float32 or bfloat16");
+  if (v.element_type() != kt) return invalid("attention: v must have k's dtype");
+  if (o->element_type() != qt) return invalid("attention: the output dtype must be q's");
+  const auto qd = q.dimensions(), kd = k.dimensions(), pd = q_pos.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || pd.size() != 2 || layer.dimensions().size() != 0)
+    return invalid("attention: want q [B, T, H, hd], k / v [L, B, S, KV, hd], q_pos [B, T], layer []; got q " +
+                   dims_str(qd) + ", k " + dims_str(kd) + ", q_pos " + dims_str(pd));
+  if (v.dimensions().size() != 5 || !std::equal(kd.begin(), kd.end(), v.dimensions().begin()))
+    return invalid("attention: v " + dims_str(v.dimensions()) + " must have k's shape " + dims_str(kd));
+  const Dispatch& disp = dispatch();
+  const Kernels* kern = disp.active;
+  if (isa != kAuto) {
+    if (isa < kPortable || isa > kAvx512 || !disp.usable[isa]) return invalid("attention: that ISA cannot run here");
+    kern = table(isa);
+  }
+  if (kern == nullptr) return invalid(disp.error.empty() ? "no usable kernels" : disp.error);
+  AttnProblem a{};
+  a.B = qd[0], a.T = qd[1], a.H = qd[2], a.hd = qd[3], a.S = kd[2], a.KV = kd[3];
+  if (kd[1] != a.B || kd[4] != a.hd || a.KV <= 0 || a.H % a.KV || pd[0] != a.B || pd[1] != a.T)
+    return invalid("attention: q " + dims_str(qd) + ", k " + dims_str(kd) + " and q_pos " + dims_str(pd) +
+                   " disagree (batch, head_dim, or heads not a multiple of the KV heads)");
+  a.G = a.H / a.KV;
+  const int64_t L = kd[0], l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return invalid("attention: layer " + std::to_string(l) + " is outside [0, " + std::to_string(L) + ")");
+  const int64_t layer_elems = a.B * a.S * a.KV * a.hd, esize = kv_bf16 ? 2 : 4;
+  a.k = static_cast<const char*>(k.untyped_data()) + l * layer_elems * esize;
+  a.v = static_cast<const char*>(v.untyped_data()) + l * layer_elems * esize;
+  a.q = q.untyped_data();
+  a.pos = q_pos.typed_data();
+  a.o = o->untyped_data();
+  a.q_bf16 = q_bf16, a.kv_bf16 = kv_bf16;
+  if (a.B * a.T * a.H * a.hd == 0) return ffi::Error::Success();
+  const int64_t rows = a.T * a.G, chunks = (rows + kAttnRows - 1) / kAttnRows;
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
+                                                           threading().use_xla ? tp.num_threads() : 1 << 30));
+  if (max_threads > 0) threads = std::min<int64_t>(threads, max_threads);
+  parallel_chunks(threading().use_xla ? &tp : nullptr, threads, a.B * a.KV * chunks, [&](int64_t i, int) {
+    const int64_t c = i % chunks, bk = i / chunks;
+    kern->attend(a, bk / a.KV, bk % a.KV, c * kAttnRows, std::min(rows, (c + 1) * kAttnRows));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace er_native
 
@@ -655,6 +720,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_int4, er_native::int4_impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_attention, er_native::attention_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("threads"));

@@ -29,12 +29,27 @@ struct Problem {
 typedef void (*RunBlockFn)(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                            bool accumulate);
 
+// Attention over one layer of the KV cache, read in place (see attention_impl in er_native.cc).
+struct AttnProblem {
+  int64_t B, T, H, KV, G, hd, S;
+  const void* q;    // f32 | bf16 [B, T, H, hd]
+  const void* k;    // f32 | bf16 [B, S, KV, hd]: this layer of the cache
+  const void* v;
+  const int32_t* pos;  // [B, T]
+  void* o;          // q's dtype, [B, T, H, hd]
+  bool q_bf16, kv_bf16;
+};
+
+// Query rows [r0, r1) (row = t * G + g) of batch row b and KV head kv.
+typedef void (*AttendFn)(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int64_t r1);
+
 struct Kernels {
   const char* name;
   int32_t isa;
   int64_t col_align;  // column blocks start at multiples of this (the widest register tile)
   int64_t k_align;    // row blocks (other than int4's whole groups) start at multiples of this
   RunBlockFn run_block;
+  AttendFn attend;
 };
 
 }  // namespace er_native

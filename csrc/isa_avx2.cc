@@ -2,7 +2,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "er_native.h"
 
@@ -49,7 +51,7 @@ constexpr int kKR = 8, kKRB = 32;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block};
+const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block, attend};
 
 }  // namespace
 }  // namespace er_native

@@ -1,7 +1,9 @@
 // Portable C++ kernels (any CPU; compiled with the baseline flags of the target, e.g. SSE2 on x86-64).
 // The same code as the SIMD units (kernel_impl.h) over an 8-float array that the compiler vectorizes.
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "er_native.h"
 
@@ -47,7 +49,7 @@ constexpr int kKR = 8, kKRB = 32;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block};
+const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block, attend};
 
 }  // namespace
 }  // namespace er_native

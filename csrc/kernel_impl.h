@@ -271,3 +271,119 @@ static void run_block(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int6
     default: break;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Attention (er_native.cc's attention_impl validates and splits the work): query rows [r0, r1) of batch
+// row b and KV head kv read the keys up to the rows' largest position once: scores [rows, n] in a thread
+// buffer (f32 dots, / sqrt(hd) as the reference), an exact per-row softmax, then o = p @ V (p rounded to
+// bf16 first when the cache is bf16, as the reference casts p to V's dtype).
+
+static inline uint16_t f32_to_bf16_rne(float f) {  // round to nearest even (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// One cache row (hd elements) as f32: an f32 cache is read in place, a bf16 one converted into buf.
+static inline const float* kv_row(const void* base, int64_t off, int64_t hd, bool bf16, float* buf) {
+  if (!bf16) return static_cast<const float*>(base) + off;
+  const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+  int64_t d = 0;
+  for (; d + V::W <= hd; d += V::W) V::store(buf + d, V::load_bf16(s + d));
+  for (; d < hd; ++d) buf[d] = bf16_to_f32(s[d]);
+  return buf;
+}
+
+static inline float hsum(typename V::F v) {
+  alignas(64) float t[V::W];
+  V::store(t, v);
+  float s = 0.f;
+  for (int i = 0; i < V::W; ++i) s += t[i];
+  return s;
+}
+
+static void attend(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int64_t r1) {
+  const int64_t rows = r1 - r0, hd = a.hd, hv = hd - hd % V::W;
+  // Per-thread buffers, grown as needed; plain pointers below (a thread_local access in a shared library
+  // is a function call).
+  thread_local std::vector<float> qv, sv, ov, rowv;
+  thread_local std::vector<int64_t> limv;
+  qv.resize(rows * hd);
+  ov.assign(rows * hd, 0.f);
+  rowv.resize(hd);
+  limv.resize(rows);
+  float *qbuf = qv.data(), *obuf = ov.data(), *rowbuf = rowv.data();
+  int64_t* lim = limv.data();
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows; ++r) {  // row r0 + r = t * G + g
+    const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
+    const int64_t off = ((b * a.T + t) * a.H + kv * a.G + g) * hd;
+    for (int64_t d = 0; d < hd; ++d)
+      qbuf[r * hd + d] = a.q_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.q)[off + d])
+                                  : static_cast<const float*>(a.q)[off + d];
+    lim[r] = imin(a.pos[b * a.T + t], a.S - 1) + 1;  // visible keys [0, lim)
+    if (lim[r] > n) n = lim[r];
+  }
+  const float sqrt_hd = std::sqrt(static_cast<float>(hd));
+  sv.resize(rows * (n > 0 ? n : 1));
+  float* sbuf = sv.data();
+  const int64_t key_stride = a.KV * hd, base = (b * a.S * a.KV + kv) * hd;
+  const int64_t esize = a.kv_bf16 ? 2 : 4, row_bytes = hd * esize;
+  // Keys sit key_stride elements apart (the other KV heads in between): prefetch a few keys ahead.
+  auto prefetch = [&](const void* base_ptr, int64_t j) {
+    if (j >= n) return;
+    const char* p = static_cast<const char*>(base_ptr) + (base + j * key_stride) * esize;
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
+  };
+  constexpr int64_t kAhead = 8;
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch(a.k, j + kAhead);
+    const float* kj = kv_row(a.k, base + j * key_stride, hd, a.kv_bf16, rowbuf);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* q = qbuf + r * hd;
+      typename V::F acc = V::zero();
+      for (int64_t d = 0; d < hv; d += V::W) acc = V::fma(V::load(q + d), V::load(kj + d), acc);
+      float s = hsum(acc);
+      for (int64_t d = hv; d < hd; ++d) s += q[d] * kj[d];
+      sbuf[r * n + j] = s / sqrt_hd;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = sbuf + r * n;
+    if (lim[r] <= 0) {
+      for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+      continue;
+    }
+    float m = s[0];
+    for (int64_t j = 1; j < lim[r]; ++j) m = s[j] > m ? s[j] : m;
+    float sum = 0.f;
+    for (int64_t j = 0; j < lim[r]; ++j) sum += (s[j] = std::exp(s[j] - m));
+    for (int64_t j = 0; j < lim[r]; ++j) {
+      s[j] /= sum;
+      if (a.kv_bf16) s[j] = bf16_to_f32(f32_to_bf16_rne(s[j]));
+    }
+    for (int64_t j = lim[r]; j < n; ++j) s[j] = 0.f;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch(a.v, j + kAhead);
+    const float* vj = kv_row(a.v, base + j * key_stride, hd, a.kv_bf16, rowbuf);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = sbuf[r * n + j];
+      if (p == 0.f) continue;
+      float* o = obuf + r * hd;
+      const typename V::F pv = V::bcast(p);
+      for (int64_t d = 0; d < hv; d += V::W) V::store(o + d, V::fma(pv, V::load(vj + d), V::load(o + d)));
+      for (int64_t d = hv; d < hd; ++d) o[d] += p * vj[d];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
+    const int64_t off = ((b * a.T + t) * a.H + kv * a.G + g) * hd;
+    for (int64_t d = 0; d < hd; ++d) {
+      if (a.q_bf16) static_cast<uint16_t*>(a.o)[off + d] = f32_to_bf16_rne(obuf[r * hd + d]);
+      else static_cast<float*>(a.o)[off + d] = obuf[r * hd + d];
+    }
+  }
+}

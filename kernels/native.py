@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from er_jax.config import platform
+from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.quant import QuantArray
 
@@ -38,7 +39,7 @@ MAX_M = 256
 # `isa=` the kernel runs for any M <= MAX_M.
 AUTO_MAX_M = {"dense": 32, "quant": 64}
 
-_TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4")
+_TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention")
 _state: dict | None = None
 
 
@@ -204,4 +205,29 @@ def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None, threads: 
     return y.reshape(*x.shape[:-1], n)
 
 
-IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul}
+def attention(q, k, v, q_pos, *, ex=None, layer=None, isa: str | None = None, threads: int | None = None):
+    """`attention_reference(q, k[layer], v[layer], q_pos)` with the cache read in place: q [B, T, H, hd];
+    k, v one layer's [B, S, KV, hd], or the stacked [L, B, S, KV, hd] with `layer` (an int or a traced
+    int32 scalar). f32 / bf16; anything else (or no extension, a non-CPU backend) goes to the reference.
+    Only the keys up to each query's position are read; queries with q_pos < 0 get zeros (the reference:
+    NaN). `isa`, `threads` as in `matmul`."""
+    del ex
+    if k.ndim == 5:
+        if layer is None:
+            raise ValueError(f"attention: a stacked cache {tuple(k.shape)} needs layer=")
+    elif k.ndim == 4 and layer is None:
+        k, v, layer = k[None], v[None], 0
+    else:
+        raise ValueError(f"attention: k must be [B, S, KV, hd] (or [L, B, S, KV, hd] with layer=), got "
+                         f"{tuple(k.shape)} with layer={layer!r}")
+    native_ok = (all(jnp.dtype(a.dtype) in _NATIVE_DTYPES for a in (q, k, v)) and k.dtype == v.dtype
+                 and q.ndim == 4 and available() and platform() == "cpu")
+    if not native_ok:
+        return attention_reference(q, k[layer], v[layer], q_pos)
+    return jax.ffi.ffi_call("er_jax_native_attention", jax.ShapeDtypeStruct(q.shape, q.dtype),
+                            vmap_method="sequential")(q, k, v, q_pos.astype(jnp.int32),
+                                                      jnp.asarray(layer, jnp.int32), isa=np.int32(_isa_code(isa)),
+                                                      threads=np.int32(threads or 0))
+
+
+IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention}

@@ -262,3 +262,43 @@ def test_env_var_forces_each_isa_and_rejects_unknown():
         assert out[:3] == [isa, "True", "75.0"], out
     out = _run_isolated(code, ER_JAX_NATIVE_ISA="mmx")
     assert out.startswith(" False 75.0") or "False 75.0" in out and "ER_JAX_NATIVE_ISA=mmx" in out, out
+
+
+# (L, B, S, KV, G, hd, T): decode (T = 1), verify (T = γ + 1) and a prefill-like T whose T * G rows span
+# several work items; G = 1 / 3 / 7, hd a multiple of the vector width or not (a scalar tail).
+ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 3, 64, 12), (2, 2, 70, 1, 7, 20, 40))
+
+
+@needs_native
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_attention_every_isa(dt):
+    """Attention over the stacked cache, read in place at a traced layer, against attention_reference on
+    that layer's slice. Positions span 0 .. S + 2 (past the cache's end: every key visible). Scores and
+    outputs are O(1) here, so f32 agrees to ~1e-6 (bound 2e-5); bf16 to its rounding of p and of the
+    output (observed <= 2e-3, bound 3e-2) — a masking, head-mapping or layer error moves outputs by O(0.1)."""
+    from er_jax.kernels.attention import attention_reference
+    rng = np.random.default_rng(7)
+    tol = 2e-5 if dt == "float32" else 3e-2
+    for (L, B, S, KV, G, hd, T) in ATTN_SHAPES:
+        k, v = (jnp.asarray(rng.normal(size=(L, B, S, KV, hd)), dt) for _ in range(2))
+        q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
+        pos = jnp.asarray(rng.integers(0, S + 3, size=(B, T)), jnp.int32)
+        refs = [attention_reference(q, k[i], v[i], pos) for i in range(L)]
+        for isa in _isas():
+            f = jax.jit(lambda q, k, v, p, i: native.attention(q, k, v, p, layer=i, isa=isa))
+            for i in range(L):
+                got = f(q, k, v, pos, jnp.int32(i))
+                assert got.dtype == q.dtype and got.shape == q.shape
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - refs[i].astype(jnp.float32))))
+                assert err < tol, (isa, dt, (L, B, S, KV, G, hd, T), i, err)
+        one = native.attention(q, k[0], v[0], pos)  # one layer's [B, S, KV, hd], no layer=
+        assert float(jnp.max(jnp.abs(one.astype(jnp.float32) - refs[0].astype(jnp.float32)))) < tol
+
+
+@needs_native
+def test_attention_refuses_bad_input():
+    q, k = jnp.ones((1, 1, 6, 8)), jnp.ones((2, 1, 5, 3, 8))
+    with pytest.raises(ValueError, match="needs layer="):
+        native.attention(q, k, k, jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"\[B, S, KV, hd\]"):
+        native.attention(q, k[0, 0], k[0, 0], jnp.zeros((1, 1), jnp.int32))
