@@ -97,7 +97,8 @@ def bench_rollout(m, *, prompts, lengths, max_new: int, modes: Sequence[str] = M
                     max_new_tokens=max_new, drafter=drafter, mode="sd", draft_length=draft_length,
                     calibration=calibration, seed=seed, mesh=mesh, forced_acceptance=forced_acceptance)
     policies = {mode: controller.make_policy(mode, r.costs, draft_length=draft_length, ladder=ladder,
-                                             calibration=calibration, seed=seed) for mode in modes}
+                                             calibration=calibration, seed=seed, backend=r.kernels)
+                for mode in modes}
     rc = RolloutConfig(temperature=temperature, seed=seed)
     kw = {} if lengths is None else dict(min_new_tokens=lengths, max_new_tokens=lengths)
     t0 = time.perf_counter()

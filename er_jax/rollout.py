@@ -76,7 +76,7 @@ class SpecRollout:
         self.kernels, self.layout = self.ex.backend, self.ex.layout
         self.costs = _with_drafter_head(controller.ModelCosts.from_config(config, drafter), config, drafter_head)
         self._policy = policy or controller.make_policy(mode, self.costs, draft_length=draft_length,
-                                                        calibration=calibration, seed=seed)
+                                                        calibration=calibration, seed=seed, backend=self.kernels)
         self._logps = jax.jit(functools.partial(_teacher_forced_logps, config), static_argnums=(3, 4))
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
                              max_new_tokens=max_new_tokens, ex=self.ex,

@@ -1,6 +1,7 @@
 """Tiny models and statistics shared by the tests."""
 import jax
 import numpy as np
+import pytest
 from scipy import stats
 
 from er_jax.config import ModelConfig
@@ -129,3 +130,10 @@ class FixedGamma:
 
     def end_rollout(self):
         pass
+
+
+def slow_after(values, keep: int = 1):
+    """Parametrize values whose first `keep` run in the fast lane (`-m "not slow"`); the others are marked
+    slow (the README's full command runs every one). Tuples are unpacked for multi-name parametrize."""
+    return [v if i < keep else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for i, v in enumerate(values)]

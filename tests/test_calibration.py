@@ -49,6 +49,7 @@ def test_sweep_csv_columns_and_rows(sweep_csv):
     assert [controller.as_timing(r).kind for r in parsed] == [r["kind"] for r in rows]
 
 
+@pytest.mark.slow
 def test_sweep_tau_counts_every_accepted_draft():
     """A drafter identical to the target (weights on the int8 grid, so int8 quantization is exact) decoding
     greedily accepts every draft: the sweep's τ must be exactly γ + 1 (an off-by-one or a miscount fails)."""
@@ -172,7 +173,7 @@ def test_per_row_max_new_tokens_are_validated():
             r.generate([[1, 2], [4, 5]], **kw)
 
 
-@pytest.mark.parametrize("mode", [m if m in ("ar", "sd") else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
+@pytest.mark.parametrize("mode", [m if m == "ar" else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
 def test_no_recompile_after_warmup(mode):
     """Each mode's own SpecRollout: after warmup(), generate calls with other prompts, seeds and per-row
     lengths compile nothing. (One batch bucket keeps this fast; test_bench_rollout_end_to_end covers

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import slow_after
+
 from er_jax import engine as E
 from er_jax.config import SHAPE_PRESETS, ModelConfig, SamplingConfig
 from er_jax.execution import Execution
@@ -212,7 +214,7 @@ SLOW_TPU = [("prefill", "tiny", 64, 16, "topkp", 0, "int4"), ("ar", "tiny", 64, 
         ("sd", "greedy", 11, "int8"), ("compact", "t1", 0, "int4"))] + [("sd", "qwen", 64, 512, "t1", 7, "int4")]
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("topology", slow_after(TOPOLOGIES[::-1]))  # fast lane: v6e
 def test_tpu_default_steps_compile(topology):
     assert registry.default_backend("tpu") == "xla"
     for row in FAST_TPU:
@@ -222,9 +224,10 @@ def test_tpu_default_steps_compile(topology):
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_tpu_default_steps_compile_at_real_shapes(topology):
-    # The Qwen2.5-1.5B step takes minutes per topology on 2 cores: compiled for v6e only (CI time).
+    # CI time (measured, 2 cores): every step on v6e ~460 s (Qwen2.5-1.5B's SD step alone: minutes), so v5e,
+    # whose tiling rules are v6e's, compiles the tiny steps and SmolLM2's SD step only.
     for row in SLOW_TPU:
-        if row[1] != "qwen" or topology.startswith("v6e"):
+        if topology.startswith("v6e") or row[1] == "tiny" or row[:2] == ("sd", "smollm2"):
             compile_tpu(topology, *row)
 
 

@@ -400,6 +400,11 @@ def test_make_policy_modes():
     assert ctl.make_policy("adaptive", COSTS, draft_length=6, hw=HW).gamma == 5  # not on the ladder: bottom
     assert ctl.make_policy("auto", COSTS, ladder=(2, 4), hw=HW).gammas() == (0, 2, 4)
     assert ctl.make_policy("toggle", COSTS).hw == ctl.defaults_for(ctl.current_platform())
+    # CPU: the XLA backend's drafter (dequantize + dot) is far slower than the native one's: own constants
+    xla_cpu, native_cpu = ctl.defaults_for("cpu", "xla"), ctl.defaults_for("cpu", "native")
+    assert xla_cpu.eta_d > 2 * native_cpu.eta_d
+    assert ctl.make_policy("toggle", COSTS, backend="xla").hw == xla_cpu
+    assert ctl.defaults_for("gpu", "pallas") == ctl.defaults_for("gpu")
     # one schema: the engine's StepRecord, or its to_dict (a trace line read back); the old short keys are gone
     rec = ctl.StepRecord(step=0, wall_s=1e-3, batch_bucket=4, active=3, mean_context=5.0, gamma=2, emitted=7,
                          accepted_per_position=[3, 1], rows_reaching_position=[3, 3])

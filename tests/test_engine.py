@@ -8,7 +8,7 @@ from er_jax.engine import Engine, batch_bucket, prompt_bucket
 from er_jax.model import forward
 from er_jax.quant import derive_drafter
 from er_jax.sampling import reported_log_probs, token_logprob
-from tests.helpers import FixedGamma, tiny_model
+from tests.helpers import FixedGamma, slow_after, tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [1], [2, 3, 4, 5, 6, 7, 8], [9, 9], [4] * 11]
 
@@ -40,8 +40,9 @@ def test_bucket_maps():
     assert [prompt_bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
 
 
-@pytest.mark.parametrize("gamma", [0, 3])
-@pytest.mark.parametrize("sc", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=5, top_p=0.9), SamplingConfig(0.0)])
+@pytest.mark.parametrize("gamma", slow_after([3, 0]))
+@pytest.mark.parametrize("sc", slow_after([SamplingConfig(0.7, top_k=5, top_p=0.9), SamplingConfig(1.0),
+                                           SamplingConfig(0.0)]))
 def test_logprobs_are_teacher_forced(model, gamma, sc):
     cfg, w, d = model
     eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
@@ -63,6 +64,7 @@ def test_greedy_speculative_equals_plain(model):
             assert out.stats["sd_steps"] > 0
 
 
+@pytest.mark.slow
 def test_eos_and_max_new_tokens(model):
     cfg, w, d = model
     eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
@@ -79,6 +81,7 @@ def test_eos_and_max_new_tokens(model):
         assert (forced.lengths == 9).all()
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_the_batch_they_sit_in(model):
     """Per-row PRNG: a row's AR sample is the same alone or in a batch (up to float noise in argmax ties)."""
     cfg, w, d = model
@@ -88,6 +91,7 @@ def test_rows_do_not_depend_on_the_batch_they_sit_in(model):
     np.testing.assert_array_equal(full.tokens[0], alone.tokens[0])
 
 
+@pytest.mark.slow
 def test_compaction_and_compile_count(model):
     cfg, w, d = model
     eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)

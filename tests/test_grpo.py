@@ -182,6 +182,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     resumed.close()
 
 
+@pytest.mark.slow
 def test_fidelity_check_raises_on_mismatched_logprobs(monkeypatch):
     tr = make_trainer(0, mode="ar")
     real = tr.rollout.generate
@@ -197,6 +198,7 @@ def test_fidelity_check_raises_on_mismatched_logprobs(monkeypatch):
     assert tr.step_count == 0
 
 
+@pytest.mark.slow
 def test_update_params_refuses_bad_weights_on_the_trainer_path():
     tr = make_trainer(0, mode="sd", lr=1e39)  # diverges: the step overflows f32 to inf / NaN
     before = jax.tree_util.tree_leaves(tr.state.params)[0]

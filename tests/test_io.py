@@ -36,6 +36,7 @@ def test_truncated_gguf(tmp_path):
         load_model(str(tmp_path / "cut.gguf"))
 
 
+@pytest.mark.slow
 def test_truncated_gguf_data(tmp_path):
     # Header intact, tensor data cut off.
     cut = tmp_path / "cut.gguf"
@@ -191,6 +192,7 @@ def test_smollm2_config(smollm2):
     assert "lm_head" not in smollm2.weights
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers(smollm2, hf_tok, hf_tok_smollm2):
     t = smollm2.tokenizer
     for text in TEXTS:
@@ -256,6 +258,7 @@ def test_bf16_safetensors_read_without_torch(tmp_path):
     np.testing.assert_array_equal(got, a.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_copied_gguf_path_loads_like_the_name(tmp_path, smollm2):
     # A .gguf path works like the registered name (only the config name differs).
     shutil.copy(smollm2_path(), tmp_path / "m.gguf")

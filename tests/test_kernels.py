@@ -25,6 +25,7 @@ from er_jax.sampling import filter_logits, log_probs
 from tests.helpers import N_SAMPLES as N
 from tests.helpers import P_MIN, V, check_speculative_samples, chi2_pvalue, rejection_pairs
 from tests.helpers import log_or_neg_inf as _log
+from tests.helpers import slow_after
 
 PAIRS = rejection_pairs()
 
@@ -56,7 +57,7 @@ QM_CASES = [  # (x shape, N, dtype, kwargs)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("case", range(len(QM_CASES)))
+@pytest.mark.parametrize("case", slow_after(range(len(QM_CASES)), keep=2))
 def test_quant_matmul_matches_reference(scheme, case):
     shape, n, dtype, kw = QM_CASES[case]
     if scheme == "int4" and "block_k" in kw:
@@ -69,6 +70,7 @@ def test_quant_matmul_matches_reference(scheme, case):
     assert_close(y, quant_matmul_reference(x, qa), dtype)
 
 
+@pytest.mark.slow
 def test_quant_matmul_reads_a_layer_of_a_stacked_weight_in_a_scan():
     """`layer=i` on stacked [L, K, N] weights (traced inside a scan) equals the per-layer product."""
     w, x = _normal(0, (3, 200, 48)), _normal(1, (3, 200))
@@ -111,7 +113,7 @@ ATT_CASES = [  # (B, T, H, KV, hd, S, dtype, block_s, num_splits, lengths)
 ]
 
 
-@pytest.mark.parametrize("case", range(len(ATT_CASES)))
+@pytest.mark.parametrize("case", slow_after(range(len(ATT_CASES))))
 def test_ragged_attention_matches_reference(case):
     b, t, h, kv, hd, s, dtype, bs, splits, lengths = ATT_CASES[case]
     q, k, v = (_normal(10 * case + i, shape, dtype) for i, shape in
@@ -202,7 +204,7 @@ def _same_as_reference(got, want):
     np.testing.assert_allclose(np.where(np.isfinite(lp), lp, 0), np.where(np.isfinite(lp_r), lp_r, 0), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", range(len(REJ_CASES)))
+@pytest.mark.parametrize("case", slow_after(range(len(REJ_CASES))))
 def test_rejection_sample_equals_reference_on_the_same_keys(case):
     sc, b, gamma, v, bv, splits = REJ_CASES[case]
     t, d, tok = _draft(case, b, gamma, v, sc)
@@ -214,6 +216,7 @@ def test_rejection_sample_equals_reference_on_the_same_keys(case):
     assert 0 <= n.min() and n.max() <= gamma
 
 
+@pytest.mark.slow
 def test_rejection_sample_bf16_logits_and_far_drafts():
     sc = SamplingConfig(1.0, top_k=8)
     t, d, tok = _draft(7, 8, 4, 40, sc, close=False)

@@ -81,6 +81,7 @@ def test_validate_weights_reports_bad_shapes_and_structure():
         validate_weights(cfg, missing)
 
 
+@pytest.mark.slow
 def test_unstacked_layout_matches_stacked():
     from er_jax.model import unstack_layers
     cfg, w = tiny_model()

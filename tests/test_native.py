@@ -152,6 +152,7 @@ def test_isas_agree_bitwise_on_integer_data():
     np.testing.assert_array_equal(np.asarray(outs[0][2]), np.asarray(quant_matmul_reference(x, qa4)))
 
 
+@pytest.mark.slow
 @needs_native
 def test_leading_dims_jit_vmap_scan():
     rng = np.random.default_rng(2)
@@ -250,6 +251,7 @@ def _run_isolated(code, **env):
     return r.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @needs_native
 def test_env_var_forces_each_isa_and_rejects_unknown():
     code = ("import numpy as np, jax.numpy as jnp\n"

@@ -45,6 +45,7 @@ def test_pair_distributions(i):
 
 @pytest.mark.parametrize("sc", [SamplingConfig(0.7, top_k=3), SamplingConfig(1.3, top_p=0.6),
                                 SamplingConfig(0.9, top_k=4, top_p=0.8)])
+@pytest.mark.slow
 def test_processing_applies_to_both_p_and_q(sc):
     """Raw logits with temperature / top-k / top-p: the emitted token follows the processed target."""
     rng = np.random.default_rng(7)

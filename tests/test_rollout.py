@@ -51,6 +51,7 @@ def test_smollm2_logprobs_match_teacher_forcing(smollm2, smol_ids):
             np.testing.assert_allclose(out.logprobs[i, :n], want[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_kv_cache_identical_in_ar_and_sd_and_drafter_bytes():
     cfg, w = tiny_model(hidden_size=256, intermediate_size=384, head_dim=64)
     kw = dict(max_batch=4, max_prompt_len=8, max_new_tokens=8)
@@ -63,6 +64,7 @@ def test_kv_cache_identical_in_ar_and_sd_and_drafter_bytes():
 
 
 # unstacked: the layers unrolled, a slow compile
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["stacked", pytest.param("unstacked", marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_plain_in_both_layouts(layout):
     cfg, w = tiny_model(seed=3, scale=0.5)
@@ -92,6 +94,7 @@ def test_update_params_rederives_and_refuses_bad_weights():
         r.update_params({**w, "final_norm": w["final_norm"][:-1]})
 
 
+@pytest.mark.slow
 def test_warmup_precompiles_everything():
     cfg, w = tiny_model()
     r = SpecRollout(cfg, w, mode="sd", draft_length=2, max_batch=4, max_prompt_len=8, max_new_tokens=6)

@@ -243,6 +243,7 @@ def test_seed_maps_to_the_same_key():
     assert all(-2**31 <= s < 2**31 for s in seeds)
 
 
+@pytest.mark.slow
 def test_generate_translates_tunix_semantics():
     """Outputs in tunix's shapes and conventions: tokens before the first EOS, prompts left-padded to
     max_prompt_length, log-probs = tunix's recomputation (also with top-k / top-p, where tunix's convention is the
@@ -303,6 +304,7 @@ def test_generate_translates_tunix_semantics():
 
 # -- a real GRPO run ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_grpo_with_er_jax_rollouts_adaptive():
     """tunix's GRPOLearner trains a tiny Llama 3 for a few steps with RLCluster(rollout_engine=ErJaxRollout in
     adaptive mode). At every rollout, the rollout's per-token log-probs equal tunix's own recomputation with the

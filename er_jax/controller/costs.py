@@ -124,11 +124,16 @@ class HardwareConstants:
 
 
 # Rough starting points; online calibration or `fit` on a timing sweep replaces them.
+# 2 CPU cores, f32, the XLA backend: the quantized drafter is dequantized to f32 on the fly, so a draft step
+# costs more than a target step: η_D ≈ 7 (fitted from a sweep of SmolLM2: experiments/results/calibration_cpu.json).
+_CPU_XLA = HardwareConstants(bw=1.5e10, flops=5e10, eta_d=7.0, c_t=2e-6, c_d=2e-6, c_v=4e-6,
+                             o_t=3e-4, o_d=1e-4, o_v=3e-4, platform="cpu")
 _DEFAULTS = {
-    # 2 CPU cores, f32, XLA path. The int4 drafter is dequantized to f32 on the fly, so a draft step costs more
-    # than a target step: η_D ≈ 7 (fitted from a sweep of SmolLM2: experiments/results/calibration_cpu.json).
-    "cpu": HardwareConstants(bw=1.5e10, flops=5e10, eta_d=7.0, c_t=2e-6, c_d=2e-6, c_v=4e-6,
-                             o_t=3e-4, o_d=1e-4, o_v=3e-4, platform="cpu"),
+    # 2 CPU cores, f32, the native backend (the CPU default): fitted from a sweep of SmolLM2 with the int8
+    # drafter + int8 head (experiments/results/calibration_cpu_native.json; the draft step's fixed cost o_d,
+    # attention and sampling over 30 layers, dwarfs its weight bytes, hence the small η_D).
+    "cpu": HardwareConstants(bw=7.2e9, flops=4.9e10, eta_d=0.13, c_t=2.2e-6, c_d=2.9e-6, c_v=3.9e-6,
+                             o_t=5.1e-4, o_d=2.05e-2, o_v=3.74e-2, platform="cpu"),
     # H100-ish: 3.0 TB/s HBM, 400 TFLOP/s bf16 dense (sustained, not peak).
     "gpu": HardwareConstants(bw=3.0e12, flops=4e14, eta_d=1.3, c_t=1e-5, c_d=5e-6, c_v=1e-5,
                              o_t=1.5e-4, o_d=5e-5, o_v=2e-4, platform="gpu"),
@@ -139,11 +144,17 @@ _DEFAULTS = {
 _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
-def defaults_for(platform_name: str) -> HardwareConstants:
-    """Default constants for "cpu", "gpu" (also "cuda", "rocm") or "tpu"."""
+def defaults_for(platform_name: str, backend: str | None = None) -> HardwareConstants:
+    """Default constants for "cpu", "gpu" (also "cuda", "rocm") or "tpu", for the op backend that runs
+    (config.BACKENDS; default: the platform's, `registry.default_backend`). On CPU the XLA backend's
+    quantized drafter costs 20-40x the native one's, so it has its own constants."""
     key = _PLATFORM_ALIASES.get(str(platform_name).lower(), str(platform_name).lower())
     if key not in _DEFAULTS:
         raise ValueError(f"no hardware defaults for platform {platform_name!r}; use one of {sorted(_DEFAULTS)}")
+    if key == "cpu":
+        from er_jax.kernels import registry
+        if (backend or registry.default_backend("cpu")) == "xla":
+            return _CPU_XLA
     return _DEFAULTS[key]
 
 

@@ -329,15 +329,19 @@ class AutoPolicy(Policy):
 
 
 def make_policy(mode: str, costs: ModelCosts, draft_length: int = 5, ladder: Sequence[int] = DEFAULT_LADDER,
-                calibration=None, hw: HardwareConstants | None = None, seed: int = 0) -> Policy:
+                calibration=None, hw: HardwareConstants | None = None, seed: int = 0,
+                backend: str | None = None) -> Policy:
     """A policy by mode name. Constants: `hw`, else `calibration` (JSON path / dict / HardwareConstants),
-    else this platform's defaults. `adaptive` starts at `draft_length` when it is on the ladder, else at the
+    else this platform's defaults for `backend` (the op backend that runs; default: the platform's).
+    `adaptive` starts at `draft_length` when it is on the ladder, else at the
     bottom rung; `auto` seeds its online calibrator with the calibration's records too."""
     check_choice("mode", mode, MODES)
     draft_length = _check_draft_length(draft_length)
     ladder = _check_ladder(ladder)
     seed_hw, seed_records = load_calibration(calibration) if calibration is not None else (None, [])
-    hw = hw or seed_hw or (defaults_for(current_platform()) if mode in ("toggle", "adaptive", "auto") else None)
+    if not (hw or seed_hw) and mode in ("toggle", "adaptive", "auto"):
+        hw = defaults_for(current_platform(), backend)
+    hw = hw or seed_hw
     if mode == "ar":
         return ARPolicy(costs)
     if mode == "sd":
