@@ -145,7 +145,7 @@ def main():
                 return k_all, v_all
 
             def head_fn(w, x):
-                return logits_from_hidden(cfg, w, x)
+                return logits_from_hidden(cfg, w, x, ex)
 
             logits = jnp.asarray(np.random.default_rng(0).normal(size=(b, cfg.vocab_size)), jnp.float32)
 
