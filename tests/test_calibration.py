@@ -34,6 +34,7 @@ def calib_json(sweep_csv, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_sweep_csv_columns_and_rows(sweep_csv):
     with open(sweep_csv, newline="") as f:
         reader = csv.DictReader(f)

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import slow_after
 
 from er_jax import engine as E
 from er_jax.config import SHAPE_PRESETS, ModelConfig, SamplingConfig
@@ -214,7 +213,8 @@ SLOW_TPU = [("prefill", "tiny", 64, 16, "topkp", 0, "int4"), ("ar", "tiny", 64, 
         ("sd", "greedy", 11, "int8"), ("compact", "t1", 0, "int4"))] + [("sd", "qwen", 64, 512, "t1", 7, "int4")]
 
 
-@pytest.mark.parametrize("topology", slow_after(TOPOLOGIES[::-1]))  # fast lane: v6e
+@pytest.mark.slow  # ~30 s per topology; the fast lane keeps the CUDA lowerings
+@pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_tpu_default_steps_compile(topology):
     assert registry.default_backend("tpu") == "xla"
     for row in FAST_TPU:

@@ -8,7 +8,7 @@ from er_jax.engine import Engine, batch_bucket, prompt_bucket
 from er_jax.model import forward
 from er_jax.quant import derive_drafter
 from er_jax.sampling import reported_log_probs, token_logprob
-from tests.helpers import FixedGamma, slow_after, tiny_model
+from tests.helpers import FixedGamma, tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [1], [2, 3, 4, 5, 6, 7, 8], [9, 9], [4] * 11]
 
@@ -40,9 +40,9 @@ def test_bucket_maps():
     assert [prompt_bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
 
 
-@pytest.mark.parametrize("gamma", slow_after([3, 0]))
-@pytest.mark.parametrize("sc", slow_after([SamplingConfig(0.7, top_k=5, top_p=0.9), SamplingConfig(1.0),
-                                           SamplingConfig(0.0)]))
+@pytest.mark.slow  # the fast lane's log-prob check: test_native_engine.py::test_logprobs_match_teacher_forced
+@pytest.mark.parametrize("gamma", [0, 3])
+@pytest.mark.parametrize("sc", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=5, top_p=0.9), SamplingConfig(0.0)])
 def test_logprobs_are_teacher_forced(model, gamma, sc):
     cfg, w, d = model
     eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)

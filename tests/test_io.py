@@ -214,6 +214,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gen", [True, False])
 def test_chat_template_matches_transformers(smollm2, hf_tok, gen):
     t = smollm2.tokenizer
@@ -226,6 +227,7 @@ def test_chat_template_matches_transformers(smollm2, hf_tok, gen):
     assert t.chat(CONVERSATIONS[0])[0] == 1 and t.chat(CONVERSATIONS[0])[-4:] == t.encode("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_tokenizer_from_hf_directory(tmp_path, smollm2, hf_tok_smollm2):
     # A tokenizer.json + tokenizer_config.json as transformers writes them round-trips to the same tokenizer.
     hf_tok_smollm2.save_pretrained(str(tmp_path))

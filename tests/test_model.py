@@ -20,6 +20,7 @@ def test_rope_matches_complex_rotation():
     np.testing.assert_allclose(out, np.concatenate([zr.real, zr.imag], -1), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False])
 def test_cached_decode_matches_teacher_forcing_at_ragged_lengths(tie):
     cfg, w = tiny_model(tie_embeddings=tie)

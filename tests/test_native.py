@@ -18,6 +18,7 @@ import pytest
 from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.quant import QuantArray, quantize_int4, quantize_int8, unpack_int4
+from tests.helpers import slow_after
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
@@ -272,7 +273,7 @@ ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 
 
 
 @needs_native
-@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dt", slow_after(["bfloat16", "float32"]))
 def test_attention_every_isa(dt):
     """Attention over the stacked cache, read in place at a traced layer, against attention_reference on
     that layer's slice. Positions span 0 .. S + 2 (past the cache's end: every key visible). Scores and

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import er_jax
+from tests.helpers import slow_after
 
 try:
     import tunix  # noqa: F401
@@ -125,7 +126,10 @@ def restore_llama3_module():
 
 # -- weights: both directions ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,tie", [("llama3", True), ("llama3", False), ("qwen2", False), ("qwen2", True)])
+WEIGHT_CASES = [("llama3", True), ("qwen2", False), ("llama3", False), ("qwen2", True)]
+
+
+@pytest.mark.parametrize("family,tie", slow_after(WEIGHT_CASES, keep=2))
 def test_weights_map_both_ways(family, tie):
     T = need_tunix()
     from flax import nnx
