@@ -334,6 +334,14 @@ void parallel_chunks(ffi::ThreadPool* xla_pool, int64_t threads, int64_t n, std:
   }
 }
 
+// Threads for one call: the pool's (XLA's or ours), at most ER_JAX_NATIVE_THREADS, capped by the call's
+// `threads` attribute when > 0.
+int64_t call_threads(ffi::ThreadPool& tp, int32_t max_threads) {
+  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
+                                                     threading().use_xla ? tp.num_threads() : 1 << 30));
+  return max_threads > 0 ? std::min<int64_t>(t, max_threads) : t;
+}
+
 // Per-thread buffers, grown as needed and kept (no allocation, page faults or zero-filling per call):
 // kScratch for an item's block accumulator, kSlots for the per-thread accumulators of a K split and
 // kX for x converted to f32 (both owned by the calling thread for the duration of one call).
@@ -574,9 +582,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   int64_t batch = 1;
   for (size_t i = 0; i < lead; ++i) batch *= yd[i];
 
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
-                                                           threading().use_xla ? tp.num_threads() : 1 << 30));
-  if (max_threads > 0) threads = std::min<int64_t>(threads, max_threads);
+  const int64_t threads = call_threads(tp, max_threads);
   ffi::ThreadPool* xla_pool = threading().use_xla ? &tp : nullptr;
   const size_t wbytes = static_cast<size_t>(ops[1].batch_stride_bytes);
   Problem p{};
@@ -681,9 +687,7 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
   a.q_bf16 = q_bf16, a.kv_bf16 = kv_bf16;
   if (a.B * a.T * a.H * a.hd == 0) return ffi::Error::Success();
   const int64_t rows = a.T * a.G, chunks = (rows + kAttnRows - 1) / kAttnRows;
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(threading().max_threads,
-                                                           threading().use_xla ? tp.num_threads() : 1 << 30));
-  if (max_threads > 0) threads = std::min<int64_t>(threads, max_threads);
+  const int64_t threads = call_threads(tp, max_threads);
   parallel_chunks(threading().use_xla ? &tp : nullptr, threads, a.B * a.KV * chunks, [&](int64_t i, int) {
     const int64_t c = i % chunks, bk = i / chunks;
     kern->attend(a, bk / a.KV, bk % a.KV, c * kAttnRows, std::min(rows, (c + 1) * kAttnRows));
