@@ -64,6 +64,7 @@ def test_arithmetic_reward_exact_last_integer():
     np.testing.assert_array_equal(t.rewards(np.stack([right[:20], right[:20]]), [20, 20], [e, e]).shape, (2,))
 
 
+@pytest.mark.slow  # loads SmolLM2 (~13 s per worker); the lane loads it once, in test_io
 def test_arithmetic_with_smollm2_chat_template(smollm2):
     t = make_task("arithmetic", tokenizer=smollm2.tokenizer, seed=0)
     e = t.example(0)
