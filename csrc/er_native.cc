@@ -6,6 +6,7 @@
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
 //   er_jax_native_attention(q, k, v, q_pos, layer) -> o   attention over the cache, read in place (below)
+//   er_jax_native_sample(logw, u)             -> tok  inverse-CDF sampling, one token per row (below)
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
 // default, 1: portable, 2: avx2, 3: avx512) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
@@ -132,6 +133,22 @@ bool self_check(const Kernels* kern) {
         for (int64_t j = 0; j < N; ++j) s1[i * N + j] = j < ca ? a[i * ca + j] : b[i * (N - ca) + j - ca];
       if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * N) != 0) return false;
     }
+  }
+  // Sampling (vector exp, max, masking): 37 log-weights spanning [-6, 3] and two -inf; each u is the middle
+  // of one token's CDF interval (computed here in double), far from the kernel's ~1e-7 rounding.
+  const int64_t n = 2 * 16 + 5;
+  std::vector<float> lw(n), buf(n);
+  std::vector<double> cdf(n + 1, 0.0);
+  double m = -1e30;
+  for (int64_t j = 0; j < n; ++j) {
+    lw[j] = (j == 3 || j == 20) ? -INFINITY : static_cast<float>((j * 7) % 10 - 6);
+    m = std::max<double>(m, lw[j]);
+  }
+  for (int64_t j = 0; j < n; ++j) cdf[j + 1] = cdf[j] + std::exp(static_cast<double>(lw[j]) - m);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == 3 || j == 20) continue;
+    const float u = static_cast<float>((cdf[j] + cdf[j + 1]) / 2 / cdf[n]);
+    if (kern->sample_row(lw.data(), n, u, buf.data()) != j) return false;
   }
   return true;
 }
@@ -695,6 +712,40 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Sampling: logw f32 [B, V] (each row's log-probabilities, or any log-weights), u f32 [B] in [0, 1)
+//   -> token int32 [B]: the first j with sum_{i <= j} w_i > u_b * sum_i w_i, w = exp(logw_b - max_b)
+//   (kernel_impl.h's sample_row: vector exp, f64 sums). A row without a finite maximum gets token 0.
+// One pass over the row instead of XLA's V Gumbel draws (threefry bits and two logs per entry): at
+// V = 49152 that was 2.6 ms per row at batch 1 (docs/cpu_profile.md).
+
+ffi::Error sample_impl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> logw, ffi::Buffer<ffi::F32> u,
+                       ffi::Result<ffi::Buffer<ffi::S32>> tok, int32_t isa, int32_t max_threads) {
+  const auto ld = logw.dimensions(), ud = u.dimensions();
+  if (ld.size() != 2 || ud.size() != 1 || ud[0] != ld[0] || tok->dimensions().size() != 1 ||
+      tok->dimensions()[0] != ld[0])
+    return invalid("sample: want logw [B, V], u [B] -> tokens [B]; got logw " + dims_str(ld) + ", u " + dims_str(ud));
+  const Dispatch& disp = dispatch();
+  const Kernels* kern = disp.active;
+  if (isa != kAuto) {
+    if (isa < kPortable || isa > kAvx512 || !disp.usable[isa]) return invalid("sample: that ISA cannot run here");
+    kern = table(isa);
+  }
+  if (kern == nullptr) return invalid(disp.error.empty() ? "no usable kernels" : disp.error);
+  const int64_t B = ld[0], n = ld[1];
+  if (n > (int64_t{1} << 31) - 1) return invalid("sample: more than 2^31 - 1 entries per row");
+  const float *w = logw.typed_data(), *uu = u.typed_data();
+  int32_t* out = tok->typed_data();
+  const int64_t threads = call_threads(tp, max_threads);
+  parallel_chunks(threading().use_xla ? &tp : nullptr, threads, B, [&](int64_t b, int) {
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    const int32_t t = kern->sample_row(w + b * n, n, uu[b], buf.data());
+    out[b] = t < 0 ? 0 : t;
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace er_native
 
@@ -737,6 +788,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_attention, er_native::attention_impl
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_sample, er_native::sample_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("threads"));
 

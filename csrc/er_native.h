@@ -43,6 +43,9 @@ struct AttnProblem {
 // Query rows [r0, r1) (row = t * G + g) of batch row b and KV head kv.
 typedef void (*AttendFn)(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int64_t r1);
 
+// Inverse-CDF sampling of one row of n log-weights (see sample_impl in er_native.cc); buf holds n floats.
+typedef int32_t (*SampleRowFn)(const float* logw, int64_t n, float u, float* buf);
+
 struct Kernels {
   const char* name;
   int32_t isa;
@@ -50,6 +53,7 @@ struct Kernels {
   int64_t k_align;    // row blocks (other than int4's whole groups) start at multiples of this
   RunBlockFn run_block;
   AttendFn attend;
+  SampleRowFn sample_row;
 };
 
 }  // namespace er_native

@@ -39,6 +39,22 @@ struct V {
     lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
     hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
   }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F and_ge(F x, F y, F v) { return _mm256_and_ps(_mm256_cmp_ps(x, y, _CMP_GE_OQ), v); }  // x >= y ? v : 0
+  static F floor(F a) { return _mm256_floor_ps(a); }
+  static F pow2i(F n) {  // 2^n for integral n in [-126, 127]
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float hmax(F v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
 };
 
 // 16 ymm registers: M == 1: 1 x 8 vectors (64 columns, 8 independent FMA chains); M == 2: 2 x 4;
@@ -51,7 +67,7 @@ constexpr int kKR = 8, kKRB = 32;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block, attend};
+const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block, attend, sample_row};
 
 }  // namespace
 }  // namespace er_native

@@ -40,6 +40,14 @@ struct V {
     lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
     hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
   }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F and_ge(F x, F y, F v) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, y, _CMP_GE_OQ), v); }
+  static F floor(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static F pow2i(F n) {  // 2^n for integral n in [-126, 127]
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(F v) { return _mm512_reduce_max_ps(v); }
 };
 
 // 32 zmm registers: M == 1: 1 x 8 vectors (128 columns); M == 2: 2 x 8; M >= 3: 6 x 4 (24 accumulators).
@@ -51,7 +59,7 @@ constexpr int kKR = 8, kKRB = 32;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kKR, run_block, attend};
+const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kKR, run_block, attend, sample_row};
 
 }  // namespace
 }  // namespace er_native

@@ -39,6 +39,12 @@ struct V {
       hi.v[i] = static_cast<float>(p[i] >> 4);
     }
   }
+  static F max(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
+  static F and_ge(F x, F y, F v) { for (int i = 0; i < W; ++i) v.v[i] = x.v[i] >= y.v[i] ? v.v[i] : 0.f; return v; }
+  static F floor(F a) { for (int i = 0; i < W; ++i) a.v[i] = std::floor(a.v[i]); return a; }
+  static F pow2i(F n) { for (int i = 0; i < W; ++i) n.v[i] = std::ldexp(1.f, static_cast<int>(n.v[i])); return n; }
+  static float hsum(F a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.v[i]; return s; }
+  static float hmax(F a) { float m = a.v[0]; for (int i = 1; i < W; ++i) m = a.v[i] > m ? a.v[i] : m; return m; }
 };
 
 constexpr int kMR1 = 1, kNV1 = 4, kMR2 = 2, kNV2 = 2, kMRB = 4, kNVB = 2;
@@ -49,7 +55,7 @@ constexpr int kKR = 8, kKRB = 32;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block, attend};
+const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block, attend, sample_row};
 
 }  // namespace
 }  // namespace er_native

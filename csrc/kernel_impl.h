@@ -275,7 +275,7 @@ static void run_block(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int6
 // ---------------------------------------------------------------------------------------------------
 // Attention (er_native.cc's attention_impl validates and splits the work): query rows [r0, r1) of batch
 // row b and KV head kv read the keys up to the rows' largest position once: scores [rows, n] in a thread
-// buffer (f32 dots, / sqrt(hd) as the reference), an exact per-row softmax, then o = p @ V (p rounded to
+// buffer (f32 dots, times 1 / sqrt(hd)), a per-row softmax (vector exp), then o = p @ V (p rounded to
 // bf16 first when the cache is bf16, as the reference casts p to V's dtype).
 
 static inline uint16_t f32_to_bf16_rne(float f) {  // round to nearest even (NaN stays NaN)
@@ -296,23 +296,110 @@ static inline const float* kv_row(const void* base, int64_t off, int64_t hd, boo
   return buf;
 }
 
-static inline float hsum(typename V::F v) {
-  alignas(64) float t[V::W];
-  V::store(t, v);
-  float s = 0.f;
-  for (int i = 0; i < V::W; ++i) s += t[i];
-  return s;
+// e^x for x <= 0 (softmax arguments s - max), f32: Cephes' expf (2^n times a degree-7 polynomial of the
+// remainder; relative error ~2e-7). Exactly 0 below -87.3 (and for -inf / NaN): those terms are < 1e-37
+// of the largest one, e^0 = 1, which every softmax row here holds.
+static inline typename V::F vexp_nonpositive(typename V::F x0) {
+  const typename V::F lo = V::bcast(-87.3f);
+  const typename V::F x = V::max(x0, lo);
+  const typename V::F n = V::floor(V::fma(x, V::bcast(1.44269504088896341f), V::bcast(0.5f)));
+  typename V::F r = V::fnmadd(n, V::bcast(0.693359375f), x);
+  r = V::fnmadd(n, V::bcast(-2.12194440e-4f), r);
+  typename V::F y = V::bcast(1.9875691500e-4f);
+  y = V::fma(y, r, V::bcast(1.3981999507e-3f));
+  y = V::fma(y, r, V::bcast(8.3334519073e-3f));
+  y = V::fma(y, r, V::bcast(4.1665795894e-2f));
+  y = V::fma(y, r, V::bcast(1.6666665459e-1f));
+  y = V::fma(y, r, V::bcast(5.0000001201e-1f));
+  y = V::add(V::fma(y, V::mul(r, r), r), V::bcast(1.f));
+  return V::and_ge(x0, lo, V::mul(y, V::pow2i(n)));
+}
+
+// Scores of NK consecutive keys (rows kj[0 .. NK)) for query rows [0, rows): NK independent FMA chains per
+// row, so the dot products do not wait on one accumulator's latency.
+template <int NK>
+static inline void score_keys(const float* qbuf, int64_t rows, int64_t hd, const float* const* kj, float inv_sqrt,
+                              float* sbuf, int64_t n, int64_t j0) {
+  const int64_t hv = hd - hd % V::W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* q = qbuf + r * hd;
+    typename V::F acc[NK];
+    for (int u = 0; u < NK; ++u) acc[u] = V::zero();
+    for (int64_t d = 0; d < hv; d += V::W) {
+      const typename V::F qd = V::load(q + d);
+      for (int u = 0; u < NK; ++u) acc[u] = V::fma(qd, V::load(kj[u] + d), acc[u]);
+    }
+    for (int u = 0; u < NK; ++u) {
+      float sc = V::hsum(acc[u]);
+      for (int64_t d = hv; d < hd; ++d) sc += q[d] * kj[u][d];
+      sbuf[r * n + j0 + u] = sc * inv_sqrt;
+    }
+  }
+}
+
+// o[r] += sum over NK consecutive keys of p[r, j] * v_j: one load and store of o per NK keys.
+template <int NK>
+static inline void accumulate_keys(const float* sbuf, int64_t n, int64_t j0, int64_t rows, int64_t hd,
+                                   const float* const* vj, float* obuf) {
+  const int64_t hv = hd - hd % V::W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = sbuf + r * n + j0;
+    bool any = false;
+    for (int u = 0; u < NK; ++u) any |= p[u] != 0.f;
+    if (!any) continue;  // keys past this row's position
+    typename V::F pv[NK];
+    for (int u = 0; u < NK; ++u) pv[u] = V::bcast(p[u]);
+    float* o = obuf + r * hd;
+    for (int64_t d = 0; d < hv; d += V::W) {
+      typename V::F acc = V::load(o + d);
+      for (int u = 0; u < NK; ++u) acc = V::fma(pv[u], V::load(vj[u] + d), acc);
+      V::store(o + d, acc);
+    }
+    for (int64_t d = hv; d < hd; ++d)
+      for (int u = 0; u < NK; ++u) o[d] += p[u] * vj[u][d];
+  }
+}
+
+// Softmax of s[0, lim) in place (vector max, exp and sum); s[lim, n) = 0.
+static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16) {
+  if (lim <= 0) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+    return;
+  }
+  const int64_t lv = lim - lim % V::W;
+  alignas(64) float tail[V::W];
+  for (int i = 0; i < V::W; ++i) tail[i] = lv + i < lim ? s[lv + i] : s[0];  // padded with a real score
+  typename V::F mv = V::load(tail);
+  for (int64_t j = 0; j < lv; j += V::W) mv = V::max(mv, V::load(s + j));
+  const float m = V::hmax(mv);
+  const typename V::F neg_m = V::bcast(-m);
+  typename V::F sumv = V::zero();
+  for (int64_t j = 0; j < lv; j += V::W) {
+    const typename V::F e = vexp_nonpositive(V::add(V::load(s + j), neg_m));
+    V::store(s + j, e);
+    sumv = V::add(sumv, e);
+  }
+  V::store(tail, vexp_nonpositive(V::add(V::load(tail), neg_m)));
+  float sum = V::hsum(sumv);
+  for (int64_t j = lv; j < lim; ++j) sum += (s[j] = tail[j - lv]);
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < lim; ++j) {
+    s[j] *= inv;
+    if (round_bf16) s[j] = bf16_to_f32(f32_to_bf16_rne(s[j]));
+  }
+  for (int64_t j = lim; j < n; ++j) s[j] = 0.f;
 }
 
 static void attend(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int64_t r1) {
-  const int64_t rows = r1 - r0, hd = a.hd, hv = hd - hd % V::W;
+  constexpr int kKeys = 4;  // keys processed together
+  const int64_t rows = r1 - r0, hd = a.hd;
   // Per-thread buffers, grown as needed; plain pointers below (a thread_local access in a shared library
   // is a function call).
   thread_local std::vector<float> qv, sv, ov, rowv;
   thread_local std::vector<int64_t> limv;
   qv.resize(rows * hd);
   ov.assign(rows * hd, 0.f);
-  rowv.resize(hd);
+  rowv.resize(kKeys * hd);
   limv.resize(rows);
   float *qbuf = qv.data(), *obuf = ov.data(), *rowbuf = rowv.data();
   int64_t* lim = limv.data();
@@ -326,7 +413,7 @@ static void attend(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int6
     lim[r] = imin(a.pos[b * a.T + t], a.S - 1) + 1;  // visible keys [0, lim)
     if (lim[r] > n) n = lim[r];
   }
-  const float sqrt_hd = std::sqrt(static_cast<float>(hd));
+  const float inv_sqrt = 1.f / std::sqrt(static_cast<float>(hd));
   sv.resize(rows * (n > 0 ? n : 1));
   float* sbuf = sv.data();
   const int64_t key_stride = a.KV * hd, base = (b * a.S * a.KV + kv) * hd;
@@ -338,45 +425,30 @@ static void attend(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int6
     for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
   };
   constexpr int64_t kAhead = 8;
-  for (int64_t j = 0; j < n; ++j) {
-    prefetch(a.k, j + kAhead);
-    const float* kj = kv_row(a.k, base + j * key_stride, hd, a.kv_bf16, rowbuf);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* q = qbuf + r * hd;
-      typename V::F acc = V::zero();
-      for (int64_t d = 0; d < hv; d += V::W) acc = V::fma(V::load(q + d), V::load(kj + d), acc);
-      float s = hsum(acc);
-      for (int64_t d = hv; d < hd; ++d) s += q[d] * kj[d];
-      sbuf[r * n + j] = s / sqrt_hd;
+  const float* rp[kKeys];
+  auto rows_at = [&](const void* cache, int64_t j0, int nk) {
+    for (int u = 0; u < nk; ++u) {
+      prefetch(cache, j0 + u + kAhead);
+      rp[u] = kv_row(cache, base + (j0 + u) * key_stride, hd, a.kv_bf16, rowbuf + u * hd);
     }
+  };
+  int64_t j = 0;
+  for (; j + kKeys <= n; j += kKeys) {
+    rows_at(a.k, j, kKeys);
+    score_keys<kKeys>(qbuf, rows, hd, rp, inv_sqrt, sbuf, n, j);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = sbuf + r * n;
-    if (lim[r] <= 0) {
-      for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-      continue;
-    }
-    float m = s[0];
-    for (int64_t j = 1; j < lim[r]; ++j) m = s[j] > m ? s[j] : m;
-    float sum = 0.f;
-    for (int64_t j = 0; j < lim[r]; ++j) sum += (s[j] = std::exp(s[j] - m));
-    for (int64_t j = 0; j < lim[r]; ++j) {
-      s[j] /= sum;
-      if (a.kv_bf16) s[j] = bf16_to_f32(f32_to_bf16_rne(s[j]));
-    }
-    for (int64_t j = lim[r]; j < n; ++j) s[j] = 0.f;
+  for (; j < n; ++j) {
+    rows_at(a.k, j, 1);
+    score_keys<1>(qbuf, rows, hd, rp, inv_sqrt, sbuf, n, j);
   }
-  for (int64_t j = 0; j < n; ++j) {
-    prefetch(a.v, j + kAhead);
-    const float* vj = kv_row(a.v, base + j * key_stride, hd, a.kv_bf16, rowbuf);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float p = sbuf[r * n + j];
-      if (p == 0.f) continue;
-      float* o = obuf + r * hd;
-      const typename V::F pv = V::bcast(p);
-      for (int64_t d = 0; d < hv; d += V::W) V::store(o + d, V::fma(pv, V::load(vj + d), V::load(o + d)));
-      for (int64_t d = hv; d < hd; ++d) o[d] += p * vj[d];
-    }
+  for (int64_t r = 0; r < rows; ++r) softmax_row(sbuf + r * n, lim[r], n, a.kv_bf16);
+  for (j = 0; j + kKeys <= n; j += kKeys) {
+    rows_at(a.v, j, kKeys);
+    accumulate_keys<kKeys>(sbuf, n, j, rows, hd, rp, obuf);
+  }
+  for (; j < n; ++j) {
+    rows_at(a.v, j, 1);
+    accumulate_keys<1>(sbuf, n, j, rows, hd, rp, obuf);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
@@ -386,4 +458,36 @@ static void attend(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int6
       else static_cast<float*>(a.o)[off + d] = obuf[r * hd + d];
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sampling (er_native.cc's sample_impl): one draw from p_j proportional to exp(logw_j - max) by inverse
+// CDF: w_j = vexp_nonpositive(logw_j - max) into buf (f32; exactly 0 for -inf), then the first j whose
+// running f64 sum exceeds u * total. Both sums add the same f32 terms in the same order, so the scan
+// always stops (u < 1). Returns -1 when the row has no finite maximum (all -inf or NaN).
+static int32_t sample_row(const float* logw, int64_t n, float u, float* buf) {
+  if (n <= 0) return -1;
+  const int64_t nv = n - n % V::W;
+  alignas(64) float tail[V::W];
+  for (int i = 0; i < V::W; ++i) tail[i] = nv + i < n ? logw[nv + i] : logw[0];
+  typename V::F mv = V::load(tail);
+  for (int64_t j = 0; j < nv; j += V::W) mv = V::max(mv, V::load(logw + j));
+  const float m = V::hmax(mv);
+  if (!(m > -INFINITY && m < INFINITY)) return -1;
+  const typename V::F neg_m = V::bcast(-m);
+  for (int64_t j = 0; j < nv; j += V::W) V::store(buf + j, vexp_nonpositive(V::add(V::load(logw + j), neg_m)));
+  V::store(tail, vexp_nonpositive(V::add(V::load(tail), neg_m)));
+  for (int64_t j = nv; j < n; ++j) buf[j] = tail[j - nv];
+  double total = 0.0;
+  for (int64_t j = 0; j < n; ++j) total += buf[j];
+  const double target = static_cast<double>(u) * total;
+  double cum = 0.0;
+  int32_t last = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    if (buf[j] == 0.f) continue;
+    cum += buf[j];
+    last = static_cast<int32_t>(j);
+    if (cum > target) return last;
+  }
+  return last;  // not reached: cum ends at total > target
 }

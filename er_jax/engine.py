@@ -24,7 +24,7 @@ from er_jax.controller import StepRecord, step_intensity
 from er_jax.execution import Execution
 from er_jax.model import forward
 from er_jax.sharding import cache_sharding, global_decision, replicated, rows_sharding, to_host
-from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
+from er_jax.sampling import log_probs, reported_log_probs, token_logprob
 from er_jax.speculative import draft, verify
 
 MAX_DRAFT = 16  # the largest γ the engine supports (the cache keeps this much headroom)
@@ -142,7 +142,8 @@ def _step_keys(st: DecodeState):
 def ar_step(spec: StepSpec, weights, st: DecodeState):
     logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, ex=spec.ex)
     logits = logits[:, 0]
-    tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
+    tok = spec.ex.op("sample")(_step_keys(st), log_probs(logits, spec.sampling), ex=spec.ex,
+                               greedy=spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
     ones = jnp.ones_like(st.n_gen)
     return _emit(spec, st, tok[:, None], lp[:, None], ones, cache), jnp.zeros_like(st.n_gen)
@@ -167,7 +168,8 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
     logits, cache = forward(spec.config, weights, prompts, cache, logit_index=(prompt_lens - 1)[:, None],
                             ex=spec.ex)
     logits = logits[:, 0]
-    tok = sample(_step_keys(st), log_probs(logits, spec.sampling), spec.sampling.greedy)
+    tok = spec.ex.op("sample")(_step_keys(st), log_probs(logits, spec.sampling), ex=spec.ex,
+                               greedy=spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
     st = dataclasses.replace(st, cache=KVCache(cache.k, cache.v, prefilled_lengths(prompt_lens)))
     return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(prompt_lens), cache)

@@ -51,6 +51,27 @@ def sample(keys, logp, greedy: bool = False):
     return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
 
 
+def uniforms(keys):
+    """One uniform in [0, 1) per row: keys [B] (typed PRNG keys) -> f32 [B]."""
+    return jax.vmap(jax.random.uniform)(keys)
+
+
+def sample_inverse_cdf_reference(u, logw):
+    """One token per row by inverse CDF, the law of `sample`: u f32 [B] in [0, 1), logw [B, V] log-weights
+    (log-probabilities, or logits) -> int32 [B], the first j whose cumulative weight exceeds u * total, with
+    w = exp(logw - max) and entries more than 87.3 below the row's max counted as 0 (w < 1e-37). One uniform
+    per row instead of V Gumbel variates; the native backend's `sample` (kernels/native.py) computes this
+    with f64 sums, so the two agree except where u * total falls within f32 rounding of a CDF step. A row
+    without a finite maximum gets token 0."""
+    z = logw.astype(jnp.float32)
+    m = jnp.max(z, axis=-1, keepdims=True)
+    finite = jnp.isfinite(m[..., 0])
+    w = jnp.where(z - m >= -87.3, jnp.exp(z - m), 0.0)
+    c = jnp.cumsum(w, axis=-1)
+    tok = jnp.sum(c <= u[:, None] * c[:, -1:], axis=-1)
+    return jnp.where(finite, jnp.minimum(tok, z.shape[-1] - 1), 0).astype(jnp.int32)
+
+
 def token_logprob(logp, tokens):
     """logp [..., V], tokens int [...] -> [...]: the log-prob of each token."""
     return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]

@@ -29,7 +29,10 @@ import numpy as np
 from er_jax.config import platform
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
+from er_jax.kernels.rejection import rejection_sample_reference
 from er_jax.quant import QuantArray
+from er_jax.sampling import sample as gumbel_sample
+from er_jax.sampling import sample_inverse_cdf_reference, uniforms
 
 ISAS = {"portable": 1, "avx2": 2, "avx512": 3}
 # The kernels' domain: M = product of x's leading dimensions (rows x positions) up to MAX_M.
@@ -39,7 +42,8 @@ MAX_M = 256
 # `isa=` the kernel runs for any M <= MAX_M.
 AUTO_MAX_M = {"dense": 32, "quant": 64}
 
-_TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention")
+_TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention",
+            "er_jax_native_sample")
 _state: dict | None = None
 
 
@@ -230,4 +234,33 @@ def attention(q, k, v, q_pos, *, ex=None, layer=None, isa: str | None = None, th
                                                       threads=np.int32(threads or 0))
 
 
-IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention}
+def sample_inverse_cdf(u, logw, *, isa: str | None = None, threads: int | None = None):
+    """`sample_inverse_cdf_reference(u, logw)` in one native pass per row (vector exp, f64 sums): u f32 [B],
+    logw f32 [B, V] -> int32 [B]. Other dtypes or ranks, no extension or a non-CPU backend: the reference."""
+    if logw.ndim != 2 or u.shape != logw.shape[:1]:
+        raise ValueError(f"sample: want u [B] and logw [B, V], got u {tuple(u.shape)}, logw {tuple(logw.shape)}")
+    if not (available() and platform() == "cpu" and logw.dtype == jnp.float32 and logw.shape[1] > 0):
+        return sample_inverse_cdf_reference(u, logw)
+    return jax.ffi.ffi_call("er_jax_native_sample", jax.ShapeDtypeStruct(u.shape, jnp.int32),
+                            vmap_method="sequential")(logw, u.astype(jnp.float32), isa=np.int32(_isa_code(isa)),
+                                                      threads=np.int32(threads or 0))
+
+
+def sample(keys, logp, *, ex=None, greedy=False):
+    """The registry's `sample` op: one token per row from softmax(logp) by inverse CDF on one uniform per
+    row (`uniforms(keys)`), instead of V Gumbel variates; greedy: argmax. Without the extension (or off
+    CPU) it is XLA's Gumbel-max `er_jax.sampling.sample` — the same law from the same keys."""
+    del ex
+    if greedy or not available() or platform() != "cpu":
+        return gumbel_sample(keys, logp, greedy)
+    return sample_inverse_cdf(uniforms(keys), logp.astype(jnp.float32))
+
+
+def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex):
+    """The reference's verification, its corrected token drawn by `sample` above."""
+    return rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc, keys,
+                                      lambda k, logp, greedy: sample(k, logp, greedy=greedy))
+
+
+IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "sample": sample,
+         "rejection_sample": rejection_sample}

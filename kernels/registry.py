@@ -5,6 +5,8 @@ Ops and their uniform signatures (`ex` is the step's `er_jax.execution.Execution
 - `quant_matmul(x, qa, *, ex, name)`: the same with a QuantArray weight (`name`: which projection);
 - `attention(q, k, v, q_pos, *, ex, layer=None)`: causal GQA over the cache (stacked with `layer`);
 - `rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)`: exact verification.
+- `sample(keys, logp, *, ex, greedy=False)`: one token per row from softmax(logp) (argmax when greedy); each
+  backend draws with its own method from the same keys (XLA: Gumbel-max, native: inverse CDF), same law.
 
 A backend is a module with an `IMPLS` dict (any subset of the ops) and optionally `why_unavailable()`.
 An op a backend does not implement runs the XLA backend's (the plain-jnp reference). Adding a backend is

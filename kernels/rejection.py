@@ -44,7 +44,8 @@ MAX_SPLITS = 64
 _NEG = -1e30  # running-max start (finite: an all-masked tile never gives inf - inf)
 
 
-def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: SamplingConfig, keys):
+def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: SamplingConfig, keys,
+                               sample_fn=sample):
     """Standard speculative sampling, per row.
 
     target_logits [B, γ+1, V], draft_logits [B, γ, V], draft_tokens int [B, γ], keys [B] typed PRNG keys.
@@ -53,6 +54,7 @@ def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: Sa
     Returns (n_accepted int [B], tokens int [B, γ+1], logprobs f32 [B, γ+1]): tokens[:, :n] are the
     accepted drafts, tokens[:, n] the corrected / bonus token; entries past n repeat tokens[:, n].
     logprobs are the target's reported log-probs of those tokens.
+    `sample_fn(keys, logp, greedy)` draws the corrected token (default: Gumbel-max, `er_jax.sampling.sample`).
     """
     b, g1, v = target_logits.shape
     gamma = g1 - 1
@@ -71,7 +73,7 @@ def rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc: Sa
     residual = jnp.maximum(p_n - q_n, 0.0)
     # p == q up to rounding makes the residual vanish; a rejection then had ~zero probability and p is exact.
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
-    extra = sample(k_x, jnp.log(residual), sc.greedy)
+    extra = sample_fn(k_x, jnp.log(residual), sc.greedy)
 
     pos = jnp.arange(g1)[None, :]
     drafted = jnp.concatenate([draft_tokens, draft_tokens[:, -1:]], axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import dequant_matmul, matmul_reference
 from er_jax.kernels.rejection import rejection_sample_reference
+from er_jax.sampling import sample as gumbel_sample
 
 
 def matmul(x, w, *, ex, name=None):
@@ -25,5 +26,9 @@ def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)
     return rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc, keys)
 
 
+def sample(keys, logp, *, ex, greedy=False):
+    return gumbel_sample(keys, logp, greedy)
+
+
 IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention,
-         "rejection_sample": rejection_sample}
+         "rejection_sample": rejection_sample, "sample": sample}

@@ -298,6 +298,56 @@ def test_attention_every_isa(dt):
         assert float(jnp.max(jnp.abs(one.astype(jnp.float32) - refs[0].astype(jnp.float32)))) < tol
 
 
+# -- sampling -----------------------------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("v", slow_after([49152, 1, 7, 1001]))
+def test_sample_every_isa(v):
+    """Inverse-CDF sampling against an independent float64 CDF: the token must be the one whose interval
+    [c_{j-1}, c_j) holds u * total, up to the f32 rounding of the weights (the kernel's exp: ~2e-7 relative
+    per weight, bound 1e-5 of the total). Entries at -inf (weight 0) are never drawn; the plain-jnp
+    reference (f32 cumsum) agrees with the kernel on every row whose u * total is not within 1e-4 of a step."""
+    from er_jax.sampling import sample_inverse_cdf_reference
+    rng = np.random.default_rng(v)
+    b = 64
+    logw = rng.normal(size=(b, v)).astype(np.float32) * 3
+    logw[rng.random((b, v)) < 0.2] = -np.inf
+    logw[:, rng.integers(v)] = rng.normal(size=b).astype(np.float32)  # every row keeps a finite entry
+    u = rng.random(b).astype(np.float32)
+    u[:3] = (0.0, np.nextafter(np.float32(1), np.float32(0)), 0.5)
+    z = logw.astype(np.float64) - logw.max(axis=1, keepdims=True)
+    c = np.cumsum(np.exp(z), axis=1)
+    total, x = c[:, -1], u.astype(np.float64) * c[:, -1]
+    ref = np.asarray(sample_inverse_cdf_reference(jnp.asarray(u), jnp.asarray(logw)))
+    for isa in _isas():
+        tok = np.asarray(native.sample_inverse_cdf(jnp.asarray(u), jnp.asarray(logw), isa=isa))
+        assert tok.dtype == np.int32 and tok.shape == (b,)
+        assert np.isfinite(logw[np.arange(b), tok]).all(), (isa, "drew a zero-weight entry")
+        lo = np.where(tok > 0, c[np.arange(b), np.maximum(tok - 1, 0)], 0.0)
+        hi = c[np.arange(b), tok]
+        slack = 1e-5 * total
+        assert ((lo <= x + slack) & (x < hi + slack)).all(), (isa, np.nonzero(~((lo <= x + slack) & (x < hi + slack))))
+        far = np.min(np.abs(c - x[:, None]), axis=1) > 1e-4 * total
+        np.testing.assert_array_equal(tok[far], ref[far], err_msg=isa)
+
+
+@needs_native
+def test_sample_law_and_edges():
+    """native.sample (one uniform per row from the keys, then the kernel) draws from softmax(logp): a
+    chi-square over 20000 rows sharing one 8-entry distribution (two entries at -inf) fails with
+    probability 1e-4 for a correct sampler. Greedy is argmax; a row with no finite entry gets token 0."""
+    from tests.helpers import chi2_pvalue
+    logp = jnp.log(jnp.asarray([0.3, 0.0, 0.05, 0.2, 0.15, 0.0, 0.25, 0.05], jnp.float32))
+    n = 20_000
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(3), r))(jnp.arange(n))
+    tok = np.asarray(jax.jit(native.sample)(keys, jnp.broadcast_to(logp, (n, 8))))
+    assert chi2_pvalue(np.bincount(tok, minlength=8), np.exp(np.asarray(logp, np.float64))) > 1e-4
+    lp = jnp.asarray([[0.0, -1.0, 2.0], [-jnp.inf, -jnp.inf, -jnp.inf]], jnp.float32)
+    assert np.asarray(native.sample(keys[:2], lp, greedy=True)).tolist() == [2, 0]
+    assert int(native.sample_inverse_cdf(jnp.asarray([0.5], jnp.float32), lp[1:])[0]) == 0
+    with pytest.raises(ValueError, match=r"u \[B\] and logw \[B, V\]"):
+        native.sample_inverse_cdf(jnp.zeros(3), jnp.zeros((2, 4)))
+
+
 @needs_native
 def test_attention_refuses_bad_input():
     q, k = jnp.ones((1, 1, 6, 8)), jnp.ones((2, 1, 5, 3, 8))

@@ -9,7 +9,9 @@ import pytest
 
 from er_jax.config import SamplingConfig
 from er_jax.engine import Engine
-from er_jax.model import forward, init_weights
+from er_jax.execution import Execution
+from er_jax.kernels import native
+from er_jax.model import forward, init_weights, unstack_layers
 from er_jax.quant import derive_drafter
 from er_jax.sampling import log_probs
 from tests.helpers import FixedGamma, chi2_pvalue, tiny_config
@@ -33,8 +35,8 @@ def exact_joint(cfg, w, sc):
     return np.exp(sum(steps))
 
 
-def sample_joint(cfg, w, drafter, sc, gamma):
-    eng = Engine(cfg, max_batch=N, max_prompt_len=len(PROMPT), max_new_tokens=T, max_draft=gamma)
+def sample_joint(cfg, w, drafter, sc, gamma, ex=Execution()):
+    eng = Engine(cfg, max_batch=N, max_prompt_len=len(PROMPT), max_new_tokens=T, max_draft=gamma, ex=ex)
     out = eng.run(w, drafter, [PROMPT] * N, sc, seed=gamma, eos_ids=(), max_new=np.full(N, T, np.int32),
                   min_new=np.zeros(N, np.int32), policy=FixedGamma(gamma))
     assert (out.lengths == T).all()
@@ -53,6 +55,20 @@ def test_joint_law_of_continuations(toy, scheme, gamma, sc):
     cfg, w = toy
     counts, out = sample_joint(cfg, w, derive_drafter(w, scheme), sc, gamma)
     assert out.stats["sd_steps"] > 0 and out.stats["ar_steps"] == 0
+    assert chi2_pvalue(counts, exact_joint(cfg, w, sc)) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
+@pytest.mark.parametrize("scheme,gamma,sc", [CASES[4], CASES[-1]])
+def test_joint_law_on_the_native_backend(toy, scheme, gamma, sc):
+    """The same law through the native backend (its kernels, and its inverse-CDF sampler for drafts,
+    corrections and plain steps); p > 1e-4 per case."""
+    cfg, w = toy
+    ex = Execution("native", None, "unstacked")
+    drafter = unstack_layers(derive_drafter(w, scheme, head="int8"))
+    counts, out = sample_joint(cfg, unstack_layers(w), drafter, sc, gamma, ex)
+    assert out.stats["sd_steps"] > 0
     assert chi2_pvalue(counts, exact_joint(cfg, w, sc)) > 1e-4
 
 
