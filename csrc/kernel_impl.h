@@ -225,11 +225,26 @@ static void tail_columns(const Problem& p, int64_t b0, int64_t b1, int64_t g, in
   }
 }
 
+// Small M: while a row block sweeps its columns, prefetch the same columns of the next block's rows (one
+// sweep ahead). Each row segment is only N elements — too short for the hardware prefetcher to ramp up on
+// every one of the block's row streams — and a decode step's matmuls follow each other with nothing to
+// overlap them. (Prefetches past the weights' last row are harmless: a prefetch never faults.)
+template <int FMT>
+static inline void prefetch_rows(const Problem& p, int64_t r0, int64_t r1, int64_t col, int64_t cols) {
+  constexpr int64_t esize = FMT == kF32 ? 4 : FMT == kBF16 ? 2 : 1;  // int4: bytes of packed rows
+  const char* w = static_cast<const char*>(p.w);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t off = 0; off < cols * esize; off += 64) __builtin_prefetch(w + (r * p.n + col) * esize + off);
+}
+
 template <int FMT, int MR, int NV>
 static void block(const Problem& p, int64_t b0, int64_t b1, int64_t g, int64_t c0, int64_t c1, float* scratch) {
   const int64_t cw = c1 - c0;
   int64_t col = c0;
-  for (; col + NV * V::W <= c1; col += NV * V::W) m_tiles<FMT, MR, NV>(p, b0, b1, g, col, c0, scratch, cw);
+  for (; col + NV * V::W <= c1; col += NV * V::W) {
+    if constexpr (MR <= 2) prefetch_rows<FMT>(p, b1, 2 * b1 - b0, col, NV * V::W);
+    m_tiles<FMT, MR, NV>(p, b0, b1, g, col, c0, scratch, cw);
+  }
   for (; col + V::W <= c1; col += V::W) m_tiles<FMT, MR, 1>(p, b0, b1, g, col, c0, scratch, cw);
   if (col < c1) tail_columns<FMT>(p, b0, b1, g, col, c0, c1, scratch, cw);
 }
