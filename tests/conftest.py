@@ -28,9 +28,13 @@ def pytest_configure(config):
     if XLA_CACHE == "off":
         return
     import jax
-    os.makedirs(XLA_CACHE, exist_ok=True)
-    if not hasattr(config, "workerinput"):  # once, in the controller process (xdist workers skip it)
-        _trim(XLA_CACHE, XLA_CACHE_MAX_BYTES)
+    try:
+        os.makedirs(XLA_CACHE, exist_ok=True)
+        if not hasattr(config, "workerinput"):  # once, in the controller process (xdist workers skip it)
+            _trim(XLA_CACHE, XLA_CACHE_MAX_BYTES)
+    except OSError as e:  # an unwritable home: run without the cache (only slower)
+        print(f"er_jax tests: no XLA compilation cache at {XLA_CACHE} ({e})")
+        return
     jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the suite's compiles are small
 
