@@ -518,6 +518,20 @@ std::string dims_str(ffi::AnyBuffer::Dimensions d) {
 
 ffi::Error invalid(const std::string& msg) { return ffi::Error::InvalidArgument("er_jax native: " + msg); }
 
+// The kernels a call runs: the process default for isa == kAuto, else that ISA's if it runs here.
+ffi::Error select_kernels(int32_t isa, const Kernels*& kern) {
+  const Dispatch& d = dispatch();
+  kern = d.active;
+  if (isa != kAuto) {
+    if (isa < kPortable || isa > kAvx512 || !d.usable[isa])
+      return invalid(std::string("the ") + (isa >= kPortable && isa <= kAvx512 ? isa_name(isa) : "requested") +
+                     " kernels cannot run on this CPU / build");
+    kern = table(isa);
+  }
+  if (kern == nullptr) return invalid(d.error.empty() ? "no usable kernels" : d.error);
+  return ffi::Error::Success();
+}
+
 struct Operand {
   const char* name;
   ffi::AnyBuffer::Dimensions dims;
@@ -526,15 +540,8 @@ struct Operand {
 
 ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyBuffer w, const ffi::AnyBuffer* scale,
                        const ffi::AnyBuffer* zero, ffi::Result<ffi::AnyBuffer>& y, int32_t isa, int32_t max_threads) {
-  const Dispatch& d = dispatch();
-  const Kernels* kern = d.active;
-  if (isa != kAuto) {
-    if (isa < kPortable || isa > kAvx512 || !d.usable[isa])
-      return invalid(std::string("the ") + (isa >= kPortable && isa <= kAvx512 ? isa_name(isa) : "requested") +
-                     " kernels cannot run on this CPU / build");
-    kern = table(isa);
-  }
-  if (kern == nullptr) return invalid(d.error.empty() ? "no usable kernels" : d.error);
+  const Kernels* kern = nullptr;
+  if (ffi::Error e = select_kernels(isa, kern); e.failure()) return e;
 
   const auto xt = x.element_type(), wt = w.element_type();
   const bool x_bf16 = xt == ffi::DataType::BF16;
@@ -680,13 +687,8 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
                    dims_str(qd) + ", k " + dims_str(kd) + ", q_pos " + dims_str(pd));
   if (v.dimensions().size() != 5 || !std::equal(kd.begin(), kd.end(), v.dimensions().begin()))
     return invalid("attention: v " + dims_str(v.dimensions()) + " must have k's shape " + dims_str(kd));
-  const Dispatch& disp = dispatch();
-  const Kernels* kern = disp.active;
-  if (isa != kAuto) {
-    if (isa < kPortable || isa > kAvx512 || !disp.usable[isa]) return invalid("attention: that ISA cannot run here");
-    kern = table(isa);
-  }
-  if (kern == nullptr) return invalid(disp.error.empty() ? "no usable kernels" : disp.error);
+  const Kernels* kern = nullptr;
+  if (ffi::Error e = select_kernels(isa, kern); e.failure()) return e;
   AttnProblem a{};
   a.B = qd[0], a.T = qd[1], a.H = qd[2], a.hd = qd[3], a.S = kd[2], a.KV = kd[3];
   if (kd[1] != a.B || kd[4] != a.hd || a.KV <= 0 || a.H % a.KV || pd[0] != a.B || pd[1] != a.T)
@@ -725,13 +727,8 @@ ffi::Error sample_impl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> logw, ffi::Buff
   if (ld.size() != 2 || ud.size() != 1 || ud[0] != ld[0] || tok->dimensions().size() != 1 ||
       tok->dimensions()[0] != ld[0])
     return invalid("sample: want logw [B, V], u [B] -> tokens [B]; got logw " + dims_str(ld) + ", u " + dims_str(ud));
-  const Dispatch& disp = dispatch();
-  const Kernels* kern = disp.active;
-  if (isa != kAuto) {
-    if (isa < kPortable || isa > kAvx512 || !disp.usable[isa]) return invalid("sample: that ISA cannot run here");
-    kern = table(isa);
-  }
-  if (kern == nullptr) return invalid(disp.error.empty() ? "no usable kernels" : disp.error);
+  const Kernels* kern = nullptr;
+  if (ffi::Error e = select_kernels(isa, kern); e.failure()) return e;
   const int64_t B = ld[0], n = ld[1];
   if (n > (int64_t{1} << 31) - 1) return invalid("sample: more than 2^31 - 1 entries per row");
   const float *w = logw.typed_data(), *uu = u.typed_data();
