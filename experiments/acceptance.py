@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import RESULTS, machine, write_json, xla_cache  # noqa: E402
 
 PROMPTS = [
     # questions / explanations
@@ -359,6 +359,7 @@ def main():
                     help="keep the settings (γ, drafter, weights) already in the JSON and measure only the missing "
                          "ones (refused when the JSON's prompts, tokens, seed or noise differ from this run's)")
     args = ap.parse_args()
+    xla_cache.enable()  # warm-ups compile once per machine, not once per run
     gammas = args.gammas or ([3, 5] if args.quick else [3, 5, 7, 9, 11])
     new_tokens = args.new_tokens or (16 if args.quick else 128)
     prompts = PROMPTS[:4] if args.quick else PROMPTS

@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from acceptance import PROMPTS  # noqa: E402
-from common import machine, write_json  # noqa: E402
+from common import machine, write_json, xla_cache  # noqa: E402
 
 
 def summarize_run(out, gamma: int) -> dict:
@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--kernels", default="native")
     ap.add_argument("--out", default="acceptance_head_smollm2.json")
     args = ap.parse_args()
+    xla_cache.enable()  # warm-ups compile once per machine, not once per run
     import er_jax
 
     m = er_jax.load_model("smollm2")

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, machine, machine_tag, read_bandwidth, write_json  # noqa: E402
+from common import copy_bandwidth, machine, machine_tag, read_bandwidth, write_json, xla_cache  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
            "List three prime numbers.", "What is 17 + 25?", "Translate 'good morning' into Spanish.",
@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--kernels", nargs="+", default=["xla", "native"], help="er_jax backends compared")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = ap.parse_args()
+    xla_cache.enable()  # warm-ups compile once per machine, not once per run
     if args.presets:
         bw = copy_bandwidth()
         rows = preset_rows(args.presets, args.batches, args.context, max(args.reps, 5), bw)

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from acceptance import PROMPTS  # noqa: E402
-from common import machine, write_json  # noqa: E402
+from common import machine, write_json, xla_cache  # noqa: E402
 
 WORKLOADS = {"w1": dict(rows=1, samples=1, temperature=0.0, max_tokens=64, eos=False),
              "w2": dict(rows=16, samples=1, temperature=0.0, max_tokens=64, eos=False),
@@ -153,6 +153,7 @@ def main():
     ap.add_argument("--max-load", type=float, default=1.5, help="wait (up to 3 min) for the 1-min load to drop below")
     ap.add_argument("--out", default="bench_peers_cpu.json")
     args = ap.parse_args()
+    xla_cache.enable()  # warm-ups compile once per machine, not once per run
     import er_jax
 
     runs, info = [], {}

@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from er_jax import xla_cache  # noqa: F401  (re-exported: the scripts' persistent compilation cache)
 from er_jax.bench import machine, machine_tag  # noqa: F401  (one definition, re-exported here)
 
 # Result files: experiments/results, or $ER_JAX_RESULTS (scripts/gpu_bench.sh points it at its output folder).

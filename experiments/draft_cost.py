@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
+from common import machine, write_json, xla_cache  # noqa: E402
 
 
 def main():
@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="draft_cost_cpu.json")
     args = ap.parse_args()
+    xla_cache.enable()  # warm-ups compile once per machine, not once per run
     import er_jax
     from er_jax import engine as E
     from er_jax.cache import KVCache, init_cache

@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import RESULTS, machine, write_json, xla_cache  # noqa: E402
 
 MODES = ("ar", "sd", "toggle", "adaptive", "auto")
 PRESETS = {
@@ -279,8 +279,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", default=None, help="controller constants (JSON) for toggle/adaptive/auto")
     p.add_argument("--max-operand", type=int, help="arithmetic: operands in [1, this]")
     p.add_argument("--layout", choices=("stacked", "unstacked"), help="SpecRollout execution layout")
-    p.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "er_jax_xla_cache"),
-                   help="persistent XLA compilation cache shared by the modes ('' to disable)")
+    p.add_argument("--compile-cache", default=None,
+                   help="persistent XLA compilation cache directory shared by the modes (default: er_jax.xla_cache's; "
+                        "'off' to disable)")
     p.add_argument("--force-speculation", action="store_true",
                    help="memory-bound controller constants: toggle/adaptive/auto always find SD worth it")
     p.add_argument("--noise-seeds", type=int,
@@ -295,10 +296,8 @@ def main(argv=None) -> int:
     tag = args.tag or args.scale
     if args.force_speculation:
         args.calibration = dict(FORCED)
-    if args.compile_cache:  # modes share most executables (prefill, AR, SD at γ = 5): compile each once
-        import jax
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # modes share most executables (prefill, AR, SD at γ = 5): compile each once
+    args.compile_cache = xla_cache.enable(args.compile_cache)
     modes = list(dict.fromkeys(["ar"] + args.modes))  # ar is the reference of every comparison
     specs = run_specs(args, modes)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from acceptance import PROMPTS  # noqa: E402
-from common import machine, write_json  # noqa: E402
+from common import machine, write_json, xla_cache  # noqa: E402
 
 
 def main():
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="sd_batch1_cpu.json")
     args = ap.parse_args()
+    xla_cache.enable()  # warm-ups compile once per machine, not once per run
     import er_jax
 
     m = er_jax.load_model("smollm2", dtype=args.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from er_jax import xla_cache
 from er_jax.cli import bench, calibrate, generate, train
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    xla_cache.enable()  # warm-ups compile once per machine ($ER_JAX_XLA_CACHE: a directory, or "off")
     try:
         return args.fn(args)
     except ValueError as e:
