@@ -664,8 +664,8 @@ ffi::Error int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, 
 //   q f32|bf16 [B, T, H, hd]; k, v f32|bf16 [L, B, S, KV, hd] (one layer: L = 1); q_pos int32 [B, T];
 //   layer int32 [] -> o [B, T, H, hd] in q's dtype. Key j is visible to query (b, t) iff j <= q_pos[b, t];
 //   H = KV * G (GQA, head h = kv * G + g). A query with no visible key (q_pos < 0) gets zeros.
-// Work item: one (b, kv head, chunk of <= kAttnRows of its T * G query rows). It reads the keys up to its
-// chunk's largest position once for all of the chunk's rows: scores [rows, n] in a thread buffer, an exact
+// Work item: one (b, chunk of <= kAttnRows of the T * G query rows of each KV head, all KV heads or one).
+// It reads the keys up to its chunk's largest position once for all of its rows: scores in a thread buffer, an exact
 // f32 softmax per row (max, exp, sum), then o = p @ V; with a bf16 cache p is rounded to bf16 before
 // p @ V, as the reference casts p to V's dtype. XLA instead transposes each layer's K and V into a
 // [B, KV, S, hd] copy and runs B * KV tiny batched dots (docs/cpu_profile.md): ~15x the bytes' time.
@@ -707,9 +707,13 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (a.B * a.T * a.H * a.hd == 0) return ffi::Error::Success();
   const int64_t rows = a.T * a.G, chunks = (rows + kAttnRows - 1) / kAttnRows;
   const int64_t threads = call_threads(tp, max_threads);
-  parallel_chunks(threading().use_xla ? &tp : nullptr, threads, a.B * a.KV * chunks, [&](int64_t i, int) {
-    const int64_t c = i % chunks, bk = i / chunks;
-    kern->attend(a, bk / a.KV, bk % a.KV, c * kAttnRows, std::min(rows, (c + 1) * kAttnRows));
+  // KV heads per work item: all of them (one contiguous read of each key's KV * hd values) when that still
+  // gives each thread two items; else one (three times the items, keys KV * hd apart).
+  const int64_t kvg = a.B * chunks >= 2 * threads ? a.KV : 1;
+  const int64_t groups = (a.KV + kvg - 1) / kvg;
+  parallel_chunks(threading().use_xla ? &tp : nullptr, threads, a.B * groups * chunks, [&](int64_t i, int) {
+    const int64_t c = i % chunks, bk = i / chunks, kv0 = (bk % groups) * kvg;
+    kern->attend(a, bk / groups, kv0, std::min(a.KV, kv0 + kvg), c * kAttnRows, std::min(rows, (c + 1) * kAttnRows));
   });
   return ffi::Error::Success();
 }

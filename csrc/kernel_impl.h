@@ -330,26 +330,36 @@ static inline typename V::F vexp_nonpositive(typename V::F x0) {
   return V::and_ge(x0, lo, V::mul(y, V::pow2i(n)));
 }
 
-// Scores of NK consecutive keys (rows kj[0 .. NK)) for query rows [0, rows): NK independent FMA chains per
-// row, so the dot products do not wait on one accumulator's latency.
+// Scores of NK consecutive keys (rows kj[0 .. NK)) for RT query rows q[0 .. RT): RT x NK independent FMA
+// chains, each key vector loaded once for all RT rows (one chain per dot made each FMA wait on the last).
+template <int NK, int RT>
+static inline void score_tile(const float* q, int64_t hd, const float* const* kj, float inv_sqrt, float* s,
+                              int64_t n) {
+  const int64_t hv = hd - hd % V::W;
+  typename V::F acc[RT][NK];
+  for (int r = 0; r < RT; ++r)
+    for (int u = 0; u < NK; ++u) acc[r][u] = V::zero();
+  for (int64_t d = 0; d < hv; d += V::W)
+    for (int u = 0; u < NK; ++u) {
+      const typename V::F kd = V::load(kj[u] + d);
+      for (int r = 0; r < RT; ++r) acc[r][u] = V::fma(V::load(q + r * hd + d), kd, acc[r][u]);
+    }
+  for (int r = 0; r < RT; ++r)
+    for (int u = 0; u < NK; ++u) {
+      float sc = V::hsum(acc[r][u]);
+      for (int64_t d = hv; d < hd; ++d) sc += q[r * hd + d] * kj[u][d];
+      s[r * n + u] = sc * inv_sqrt;
+    }
+}
+
+// Scores of NK consecutive keys (from key j0) for query rows [0, rows) of qbuf into sbuf [rows, n].
 template <int NK>
 static inline void score_keys(const float* qbuf, int64_t rows, int64_t hd, const float* const* kj, float inv_sqrt,
                               float* sbuf, int64_t n, int64_t j0) {
-  const int64_t hv = hd - hd % V::W;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* q = qbuf + r * hd;
-    typename V::F acc[NK];
-    for (int u = 0; u < NK; ++u) acc[u] = V::zero();
-    for (int64_t d = 0; d < hv; d += V::W) {
-      const typename V::F qd = V::load(q + d);
-      for (int u = 0; u < NK; ++u) acc[u] = V::fma(qd, V::load(kj[u] + d), acc[u]);
-    }
-    for (int u = 0; u < NK; ++u) {
-      float sc = V::hsum(acc[u]);
-      for (int64_t d = hv; d < hd; ++d) sc += q[d] * kj[u][d];
-      sbuf[r * n + j0 + u] = sc * inv_sqrt;
-    }
-  }
+  constexpr int kRT = NK > 1 ? 3 : 4;  // RT x NK accumulators in registers
+  int64_t r = 0;
+  for (; r + kRT <= rows; r += kRT) score_tile<NK, kRT>(qbuf + r * hd, hd, kj, inv_sqrt, sbuf + r * n + j0, n);
+  for (; r < rows; ++r) score_tile<NK, 1>(qbuf + r * hd, hd, kj, inv_sqrt, sbuf + r * n + j0, n);
 }
 
 // o[r] += sum over NK consecutive keys of p[r, j] * v_j: one load and store of o per NK keys.
@@ -405,74 +415,81 @@ static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16
   for (int64_t j = lim; j < n; ++j) s[j] = 0.f;
 }
 
-static void attend(const AttnProblem& a, int64_t b, int64_t kv, int64_t r0, int64_t r1) {
+static void attend(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1) {
   constexpr int kKeys = 4;  // keys processed together
-  const int64_t rows = r1 - r0, hd = a.hd;
+  const int64_t rows = r1 - r0, hd = a.hd, nkv = kv1 - kv0, hrows = nkv * rows;  // hrows: (kv, row) pairs
   // Per-thread buffers, grown as needed; plain pointers below (a thread_local access in a shared library
-  // is a function call).
+  // is a function call). Row h = (kv - kv0) * rows + r of qbuf / sbuf / obuf.
   thread_local std::vector<float> qv, sv, ov, rowv;
   thread_local std::vector<int64_t> limv;
-  qv.resize(rows * hd);
-  ov.assign(rows * hd, 0.f);
+  qv.resize(hrows * hd);
+  ov.assign(hrows * hd, 0.f);
   rowv.resize(kKeys * hd);
   limv.resize(rows);
   float *qbuf = qv.data(), *obuf = ov.data(), *rowbuf = rowv.data();
   int64_t* lim = limv.data();
   int64_t n = 0;
-  for (int64_t r = 0; r < rows; ++r) {  // row r0 + r = t * G + g
+  auto q_off = [&](int64_t kv, int64_t r) {  // row r0 + r = t * G + g of KV head kv
     const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
-    const int64_t off = ((b * a.T + t) * a.H + kv * a.G + g) * hd;
-    for (int64_t d = 0; d < hd; ++d)
-      qbuf[r * hd + d] = a.q_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.q)[off + d])
-                                  : static_cast<const float*>(a.q)[off + d];
-    lim[r] = imin(a.pos[b * a.T + t], a.S - 1) + 1;  // visible keys [0, lim)
+    return ((b * a.T + t) * a.H + kv * a.G + g) * hd;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    lim[r] = imin(a.pos[b * a.T + (r0 + r) / a.G], a.S - 1) + 1;  // visible keys [0, lim)
     if (lim[r] > n) n = lim[r];
+    for (int64_t kv = kv0; kv < kv1; ++kv) {
+      const int64_t off = q_off(kv, r);
+      float* qr = qbuf + ((kv - kv0) * rows + r) * hd;
+      for (int64_t d = 0; d < hd; ++d)
+        qr[d] = a.q_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.q)[off + d]) : static_cast<const float*>(a.q)[off + d];
+    }
   }
   const float inv_sqrt = 1.f / std::sqrt(static_cast<float>(hd));
-  sv.resize(rows * (n > 0 ? n : 1));
+  sv.resize(hrows * (n > 0 ? n : 1));
   float* sbuf = sv.data();
-  const int64_t key_stride = a.KV * hd, base = (b * a.S * a.KV + kv) * hd;
-  const int64_t esize = a.kv_bf16 ? 2 : 4, row_bytes = hd * esize;
-  // Keys sit key_stride elements apart (the other KV heads in between): prefetch a few keys ahead.
-  auto prefetch = [&](const void* base_ptr, int64_t j) {
-    if (j >= n) return;
-    const char* p = static_cast<const char*>(base_ptr) + (base + j * key_stride) * esize;
-    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
-  };
+  const int64_t key_stride = a.KV * hd, base = b * a.S * key_stride;
+  const int64_t esize = a.kv_bf16 ? 2 : 4, span = nkv * hd * esize;  // bytes of one key this item reads
+  // Key j of heads [kv0, kv1) is one contiguous span, key_stride elements after key j - 1's: prefetch a
+  // few keys ahead.
   constexpr int64_t kAhead = 8;
-  const float* rp[kKeys];
-  auto rows_at = [&](const void* cache, int64_t j0, int nk) {
-    for (int u = 0; u < nk; ++u) {
-      prefetch(cache, j0 + u + kAhead);
-      rp[u] = kv_row(cache, base + (j0 + u) * key_stride, hd, a.kv_bf16, rowbuf + u * hd);
-    }
+  auto prefetch = [&](const void* cache, int64_t j) {
+    if (j >= n) return;
+    const char* p = static_cast<const char*>(cache) + (base + j * key_stride + kv0 * hd) * esize;
+    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(p + off);
   };
-  int64_t j = 0;
-  for (; j + kKeys <= n; j += kKeys) {
-    rows_at(a.k, j, kKeys);
-    score_keys<kKeys>(qbuf, rows, hd, rp, inv_sqrt, sbuf, n, j);
-  }
-  for (; j < n; ++j) {
-    rows_at(a.k, j, 1);
-    score_keys<1>(qbuf, rows, hd, rp, inv_sqrt, sbuf, n, j);
-  }
-  for (int64_t r = 0; r < rows; ++r) softmax_row(sbuf + r * n, lim[r], n, a.kv_bf16);
-  for (j = 0; j + kKeys <= n; j += kKeys) {
-    rows_at(a.v, j, kKeys);
-    accumulate_keys<kKeys>(sbuf, n, j, rows, hd, rp, obuf);
-  }
-  for (; j < n; ++j) {
-    rows_at(a.v, j, 1);
-    accumulate_keys<1>(sbuf, n, j, rows, hd, rp, obuf);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
-    const int64_t off = ((b * a.T + t) * a.H + kv * a.G + g) * hd;
-    for (int64_t d = 0; d < hd; ++d) {
-      if (a.q_bf16) static_cast<uint16_t*>(a.o)[off + d] = f32_to_bf16_rne(obuf[r * hd + d]);
-      else static_cast<float*>(a.o)[off + d] = obuf[r * hd + d];
+  const float* rp[kKeys];
+  auto rows_at = [&](const void* cache, int64_t j0, int nk, int64_t kv) {
+    for (int u = 0; u < nk; ++u)
+      rp[u] = kv_row(cache, base + (j0 + u) * key_stride + kv * hd, hd, a.kv_bf16, rowbuf + u * hd);
+  };
+  auto for_keys = [&](const void* cache, auto&& fn4, auto&& fn1) {
+    int64_t j = 0;
+    for (; j + kKeys <= n; j += kKeys) {
+      for (int u = 0; u < kKeys; ++u) prefetch(cache, j + u + kAhead);
+      for (int64_t kv = kv0; kv < kv1; ++kv) {
+        rows_at(cache, j, kKeys, kv);
+        fn4(j, kv - kv0);
+      }
     }
-  }
+    for (; j < n; ++j)
+      for (int64_t kv = kv0; kv < kv1; ++kv) {
+        rows_at(cache, j, 1, kv);
+        fn1(j, kv - kv0);
+      }
+  };
+  for_keys(a.k, [&](int64_t j, int64_t h) { score_keys<kKeys>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); },
+           [&](int64_t j, int64_t h) { score_keys<1>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); });
+  for (int64_t h = 0; h < hrows; ++h) softmax_row(sbuf + h * n, lim[h % rows], n, a.kv_bf16);
+  for_keys(a.v, [&](int64_t j, int64_t h) { accumulate_keys<kKeys>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd); },
+           [&](int64_t j, int64_t h) { accumulate_keys<1>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd); });
+  for (int64_t kv = kv0; kv < kv1; ++kv)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t off = q_off(kv, r);
+      const float* orow = obuf + ((kv - kv0) * rows + r) * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        if (a.q_bf16) static_cast<uint16_t*>(a.o)[off + d] = f32_to_bf16_rne(orow[d]);
+        else static_cast<float*>(a.o)[off + d] = orow[d];
+      }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------

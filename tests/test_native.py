@@ -268,8 +268,11 @@ def test_env_var_forces_each_isa_and_rejects_unknown():
 
 
 # (L, B, S, KV, G, hd, T): decode (T = 1), verify (T = γ + 1) and a prefill-like T whose T * G rows span
-# several work items; G = 1 / 3 / 7, hd a multiple of the vector width or not (a scalar tail).
-ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 3, 64, 12), (2, 2, 70, 1, 7, 20, 40))
+# several work items; G = 1 / 3 / 7, hd a multiple of the vector width or not (a scalar tail). A work item
+# takes all KV heads of its batch row when there are at least 2 items per thread, else one: B = 1 with one
+# chunk always takes one head, and threads=1 makes every B >= 2 shape take all of them.
+ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 3, 64, 12), (2, 2, 70, 1, 7, 20, 40),
+               (2, 1, 50, 3, 3, 64, 1), (1, 6, 33, 2, 3, 20, 2))
 
 
 @needs_native
@@ -287,13 +290,13 @@ def test_attention_every_isa(dt):
         q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
         pos = jnp.asarray(rng.integers(0, S + 3, size=(B, T)), jnp.int32)
         refs = [attention_reference(q, k[i], v[i], pos) for i in range(L)]
-        for isa in _isas():
-            f = jax.jit(lambda q, k, v, p, i: native.attention(q, k, v, p, layer=i, isa=isa))
+        for isa, threads in [(isa, None) for isa in _isas()] + [(None, 1)]:
+            f = jax.jit(lambda q, k, v, p, i: native.attention(q, k, v, p, layer=i, isa=isa, threads=threads))
             for i in range(L):
                 got = f(q, k, v, pos, jnp.int32(i))
                 assert got.dtype == q.dtype and got.shape == q.shape
                 err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - refs[i].astype(jnp.float32))))
-                assert err < tol, (isa, dt, (L, B, S, KV, G, hd, T), i, err)
+                assert err < tol, (isa, threads, dt, (L, B, S, KV, G, hd, T), i, err)
         one = native.attention(q, k[0], v[0], pos)  # one layer's [B, S, KV, hd], no layer=
         assert float(jnp.max(jnp.abs(one.astype(jnp.float32) - refs[0].astype(jnp.float32)))) < tol
 
