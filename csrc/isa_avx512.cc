@@ -53,7 +53,7 @@ struct V {
 // 32 zmm registers: M == 1: 1 x 8 vectors (128 columns); M == 2: 2 x 8; M >= 3: 6 x 4 (24 accumulators).
 constexpr int kMR1 = 1, kNV1 = 8, kMR2 = 2, kNV2 = 8, kMRB = 6, kNVB = 4;
 
-// Rows of W swept together: kKR at M <= 2 (contiguous row streams per thread), kKRB at M >= 3.
+// Rows of W swept together: kKR at M <= 8 (contiguous row streams per thread), kKRB beyond (run_fmt).
 // Both divide the int4 group size (128) and are even.
 constexpr int kKR = 8, kKRB = 32;
 

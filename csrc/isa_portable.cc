@@ -49,7 +49,7 @@ struct V {
 
 constexpr int kMR1 = 1, kNV1 = 4, kMR2 = 2, kNV2 = 2, kMRB = 4, kNVB = 2;
 
-// Rows of W swept together: kKR at M <= 2 (contiguous row streams per thread), kKRB at M >= 3.
+// Rows of W swept together: kKR at M <= 8 (contiguous row streams per thread), kKRB beyond (run_fmt).
 // Both divide the int4 group size (128) and are even.
 constexpr int kKR = 8, kKRB = 32;
 
