@@ -41,6 +41,9 @@ MAX_M = 256
 # + dot), which was as fast or faster there on the 2-core AVX2 machine (docs/native.md, "Large M"). With
 # `isa=` the kernel runs for any M <= MAX_M.
 AUTO_MAX_M = {"dense": 32, "quant": 64}
+# ... and f32 x f32 products of fewer rows than this go to XLA too: its f32 GEMV streamed SmolLM2's head at
+# 21-22 GB/s against our M = 1 kernel's 11 (docs/cpu_profile.md, "Late evening"). bf16 / quantized weights stay.
+XLA_F32_BELOW_M = 3
 
 _TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention",
             "er_jax_native_sample")
@@ -157,7 +160,8 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | N
     k, n = w.shape
     _check_x(x, k, "matmul")
     m = math.prod(x.shape[:-1])
-    if not (_native_ok(x, m, n, k, "dense", isa) and jnp.dtype(w.dtype) in _NATIVE_DTYPES):
+    f32_gemv = isa is None and m < XLA_F32_BELOW_M and x.dtype == w.dtype == jnp.float32
+    if f32_gemv or not (_native_ok(x, m, n, k, "dense", isa) and jnp.dtype(w.dtype) in _NATIVE_DTYPES):
         return matmul_reference(x, w)
     code = _isa_code(isa)
     y = jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((m, n), x.dtype),
