@@ -7,6 +7,7 @@
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
 //   er_jax_native_attention(q, k, v, q_pos, layer) -> o   attention over the cache, read in place (below)
 //   er_jax_native_sample(logw, u)             -> tok  inverse-CDF sampling, one token per row (below)
+//   er_jax_native_kv_write(k_all, v_all, k, v, pos, layer) -> (k_all, v_all)   the KV cache write, in place
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
 // default, 1: portable, 2: avx2, 3: avx512) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
@@ -747,6 +748,49 @@ ffi::Error sample_impl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> logw, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The KV cache write: k_all / v_all [L, B, S, KV, hd] (f32 or bf16, aliased to the outputs, so the write is
+// in place), k / v [B, T, KV, hd] of the cache's dtype, pos int32 [B, T], layer int32 []:
+// k_all[layer, b, pos[b, t]] = k[b, t] (and v), with jnp's `.at[].set` index rules — a negative position
+// counts from the end (pos + S), one still outside [0, S) is dropped. XLA's CPU scatter does this in place
+// for f32 but for bf16 converted the whole cache to f32 and back around every write (SmolLM2, batch 16:
+// 0.8 s per decode step; docs/cpu_profile.md, "Night").
+
+ffi::Error kv_write_impl(ffi::AnyBuffer k_all, ffi::AnyBuffer v_all, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                         ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> k_out,
+                         ffi::Result<ffi::AnyBuffer> v_out) {
+  const auto ct = k_all.element_type();
+  if (ct != ffi::DataType::F32 && ct != ffi::DataType::BF16) return invalid("kv_write: the cache must be float32 or bfloat16");
+  if (v_all.element_type() != ct || k.element_type() != ct || v.element_type() != ct)
+    return invalid("kv_write: k_all, v_all, k and v must have one dtype");
+  const auto cd = k_all.dimensions(), nd = k.dimensions(), pd = pos.dimensions();
+  if (cd.size() != 5 || nd.size() != 4 || pd.size() != 2 || layer.dimensions().size() != 0 ||
+      !std::equal(cd.begin(), cd.end(), v_all.dimensions().begin()) || v.dimensions().size() != 4 ||
+      !std::equal(nd.begin(), nd.end(), v.dimensions().begin()) || nd[0] != cd[1] || nd[2] != cd[3] ||
+      nd[3] != cd[4] || pd[0] != nd[0] || pd[1] != nd[1])
+    return invalid("kv_write: want k_all / v_all [L, B, S, KV, hd], k / v [B, T, KV, hd], pos [B, T], layer []; got "
+                   "k_all " + dims_str(cd) + ", k " + dims_str(nd) + ", pos " + dims_str(pd));
+  const int64_t L = cd[0], B = cd[1], S = cd[2], T = nd[1], l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return invalid("kv_write: layer " + std::to_string(l) + " is outside [0, " + std::to_string(L) + ")");
+  const int64_t esize = ct == ffi::DataType::BF16 ? 2 : 4, row = cd[3] * cd[4] * esize;  // bytes of one position
+  struct Pair { const char* src; char* dst; };
+  const Pair pairs[2] = {{static_cast<const char*>(k.untyped_data()), static_cast<char*>(k_out->untyped_data())},
+                         {static_cast<const char*>(v.untyped_data()), static_cast<char*>(v_out->untyped_data())}};
+  // The outputs alias the inputs (input_output_aliases); copy first if XLA ever gives distinct buffers.
+  if (k_out->untyped_data() != k_all.untyped_data()) std::memcpy(k_out->untyped_data(), k_all.untyped_data(), k_all.size_bytes());
+  if (v_out->untyped_data() != v_all.untyped_data()) std::memcpy(v_out->untyped_data(), v_all.untyped_data(), v_all.size_bytes());
+  const int32_t* p = pos.typed_data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t s = p[b * T + t];
+      if (s < 0) s += S;
+      if (s < 0 || s >= S) continue;
+      for (const Pair& pr : pairs)
+        std::memcpy(pr.dst + ((l * B + b) * S + s) * row, pr.src + (b * T + t) * row, row);
+    }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace er_native
 
@@ -800,6 +844,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_sample, er_native::sample_impl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_kv_write, er_native::kv_write_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 // Plain C queries for kernels/native.py (ctypes).
 extern "C" {

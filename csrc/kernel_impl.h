@@ -225,10 +225,13 @@ static void tail_columns(const Problem& p, int64_t b0, int64_t b1, int64_t g, in
   }
 }
 
-// Small M: while a row block sweeps its columns, prefetch the same columns of the next block's rows (one
-// sweep ahead). Each row segment is only N elements — too short for the hardware prefetcher to ramp up on
-// every one of the block's row streams — and a decode step's matmuls follow each other with nothing to
-// overlap them. (Prefetches past the weights' last row are harmless: a prefetch never faults.)
+// While a row block sweeps its columns, prefetch the same columns of the next block's rows (one sweep
+// ahead): at M >= 3, and for 1-byte / int4 weights at every M, whose row segments (N bytes or fewer) are too
+// short for the hardware prefetcher to ramp up on every one of the block's row streams, and a decode step's
+// matmuls follow each other with nothing to overlap them. (Prefetches past the weights' last row are
+// harmless: a prefetch never faults.) Not for f32 / bf16 at M <= 2: there the hardware prefetcher keeps up
+// on their 2-4x longer segments and the prefetches only cost (SmolLM2's head, f32, M = 1: 11 -> 18-23 GB/s
+// without them and with kSmallKR rows; docs/cpu_profile.md, "Night").
 template <int FMT>
 static inline void prefetch_rows(const Problem& p, int64_t r0, int64_t r1, int64_t col, int64_t cols) {
   constexpr int64_t esize = FMT == kF32 ? 4 : FMT == kBF16 ? 2 : 1;  // int4: bytes of packed rows
@@ -242,7 +245,7 @@ static void block(const Problem& p, int64_t b0, int64_t b1, int64_t g, int64_t c
   const int64_t cw = c1 - c0;
   int64_t col = c0;
   for (; col + NV * V::W <= c1; col += NV * V::W) {
-    prefetch_rows<FMT>(p, b1, 2 * b1 - b0, col, NV * V::W);
+    if constexpr (MR > 2 || FMT >= kInt8) prefetch_rows<FMT>(p, b1, 2 * b1 - b0, col, NV * V::W);
     m_tiles<FMT, MR, NV>(p, b0, b1, g, col, c0, scratch, cw);
   }
   for (; col + V::W <= c1; col += V::W) m_tiles<FMT, MR, 1>(p, b0, b1, g, col, c0, scratch, cw);
@@ -257,8 +260,9 @@ static void run_fmt(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
   // Rows swept together: kKR up to M = 8 (few row streams, each ahead of the FMAs: at M = 8 on AVX2, 32 rows
   // ran SmolLM2's head at 3.8 GB/s and 8 rows at 8.6), kKRB beyond (fewer accumulator round trips to the
-  // L2-resident block accumulator per FMA).
-  const int64_t KR = MR > 2 && p.m > 8 ? kKRB : kKR;
+  // L2-resident block accumulator per FMA); f32 / bf16 at M <= 2 half of kKR (fewer, longer streams for the
+  // hardware prefetcher, see block()).
+  const int64_t KR = MR > 2 && p.m > 8 ? kKRB : MR <= 2 && FMT < kInt8 ? kKR / 2 : kKR;
   if constexpr (FMT == kInt4) {
     const int64_t G = p.group;
     for (int64_t g = k0 / G; g * G < k1; ++g) {

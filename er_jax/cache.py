@@ -36,6 +36,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
                    jnp.zeros((batch,), jnp.int32))
 
 
+def write_layer(k_all, v_all, k, v, positions, layer):
+    """The stacked cache with layer `layer`'s K/V at `positions` set: k_all / v_all [L, B, S, KV, hd],
+    k / v [B, T, KV, hd] (cast to the cache's dtype), positions int [B, T] (jnp's `.at[].set` index rules:
+    negative from the end, still out of range dropped). The reference of the `kv_write` op."""
+    rows = jnp.broadcast_to(jnp.arange(k.shape[0])[:, None], positions.shape)
+    return (k_all.at[layer, rows, positions].set(k.astype(k_all.dtype)),
+            v_all.at[layer, rows, positions].set(v.astype(v_all.dtype)))
+
+
 def gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     """The cache of rows `rows` (int [B']), in that order: compaction into a smaller batch bucket."""
     return KVCache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1),

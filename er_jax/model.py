@@ -112,7 +112,6 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
         else:
             x, _ = jax.lax.scan(body, x, layers)
     else:
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
         in_place = {} if unstacked else _read_in_place(layers, ex)
 
         def body(carry, xs):
@@ -121,8 +120,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
 
             def kv_write(k, v):
                 nonlocal k_all, v_all
-                k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype))
-                v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
+                k_all, v_all = ex.op("kv_write")(k_all, v_all, k, v, positions, ex=ex, layer=i)
                 return k_all, v_all, i
 
             x = _layer(config, lw, x, positions, kv_write, ex, in_place, i)

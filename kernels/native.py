@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from er_jax.cache import write_layer
 from er_jax.config import platform
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
@@ -41,12 +42,13 @@ MAX_M = 256
 # + dot), which was as fast or faster there on the 2-core AVX2 machine (docs/native.md, "Large M"). With
 # `isa=` the kernel runs for any M <= MAX_M.
 AUTO_MAX_M = {"dense": 32, "quant": 64}
-# ... and f32 x f32 products of fewer rows than this go to XLA too: its f32 GEMV streamed SmolLM2's head at
-# 21-22 GB/s against our M = 1 kernel's 11 (docs/cpu_profile.md, "Late evening"). bf16 / quantized weights stay.
-XLA_F32_BELOW_M = 3
+# ... and f32 x f32 products of fewer rows than this go to XLA too: at M = 1 its f32 GEMV and our kernel are
+# level (18-26 GB/s each, XLA ahead on SmolLM2's head and [576, 1536]); at M = 2 XLA's falls to 7-9 GB/s and
+# ours runs 13-19 (docs/cpu_profile.md, "Night"). bf16 / quantized weights stay native at every M.
+XLA_F32_BELOW_M = 2
 
 _TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention",
-            "er_jax_native_sample")
+            "er_jax_native_sample", "er_jax_native_kv_write")
 _state: dict | None = None
 
 
@@ -238,6 +240,26 @@ def attention(q, k, v, q_pos, *, ex=None, layer=None, isa: str | None = None, th
                                                       threads=np.int32(threads or 0))
 
 
+def kv_write(k_all, v_all, k, v, positions, *, ex=None, layer):
+    """`er_jax.cache.write_layer` in place (the outputs alias k_all / v_all; with the cache donated nothing
+    is copied): XLA's CPU scatter converted a whole bf16 cache to f32 and back around each layer's write.
+    Other dtypes (or no extension, a non-CPU backend): the reference."""
+    del ex
+    shapes = tuple(tuple(getattr(a, "shape", ())) for a in (k_all, v_all, k, v, positions))
+    if (len(shapes[0]) != 5 or shapes[1] != shapes[0] or len(shapes[2]) != 4 or shapes[3] != shapes[2]
+            or shapes[2][0] != shapes[0][1] or shapes[2][2:] != shapes[0][3:] or shapes[4] != shapes[2][:2]):
+        raise ValueError(f"kv_write: want k_all / v_all [L, B, S, KV, hd], k / v [B, T, KV, hd] and positions "
+                         f"[B, T]; got {', '.join(map(str, shapes))}")
+    k, v = k.astype(k_all.dtype), v.astype(v_all.dtype)
+    if not (available() and platform() == "cpu" and jnp.dtype(k_all.dtype) in _NATIVE_DTYPES
+            and v_all.dtype == k_all.dtype):
+        return write_layer(k_all, v_all, k, v, positions, layer)
+    out = (jax.ShapeDtypeStruct(k_all.shape, k_all.dtype), jax.ShapeDtypeStruct(v_all.shape, v_all.dtype))
+    return jax.ffi.ffi_call("er_jax_native_kv_write", out, vmap_method="sequential",
+                            input_output_aliases={0: 0, 1: 1})(
+        k_all, v_all, k, v, positions.astype(jnp.int32), jnp.asarray(layer, jnp.int32))
+
+
 def sample_inverse_cdf(u, logw, *, isa: str | None = None, threads: int | None = None):
     """`sample_inverse_cdf_reference(u, logw)` in one native pass per row (vector exp, f64 sums): u f32 [B],
     logw f32 [B, V] -> int32 [B]. Other dtypes or ranks, no extension or a non-CPU backend: the reference."""
@@ -266,5 +288,5 @@ def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)
                                       lambda k, logp, greedy: sample(k, logp, greedy=greedy))
 
 
-IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "sample": sample,
-         "rejection_sample": rejection_sample}
+IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
+         "sample": sample, "rejection_sample": rejection_sample}

@@ -4,6 +4,8 @@ Ops and their uniform signatures (`ex` is the step's `er_jax.execution.Execution
 - `matmul(x, w, *, ex, name)`: dense x [..., K] @ w [K, N], f32 accumulation, x.dtype out;
 - `quant_matmul(x, qa, *, ex, name)`: the same with a QuantArray weight (`name`: which projection);
 - `attention(q, k, v, q_pos, *, ex, layer=None)`: causal GQA over the cache (stacked with `layer`);
+- `kv_write(k_all, v_all, k, v, positions, *, ex, layer)`: the stacked cache with one layer's new K/V
+  written (`er_jax.cache.write_layer`);
 - `rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)`: exact verification.
 - `sample(keys, logp, *, ex, greedy=False)`: one token per row from softmax(logp) (argmax when greedy); each
   backend draws with its own method from the same keys (XLA: Gumbel-max, native: inverse CDF), same law.

@@ -2,6 +2,7 @@
 every other backend (`registry.lookup`). Uniform op signatures: see `registry`."""
 from __future__ import annotations
 
+from er_jax.cache import write_layer
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import dequant_matmul, matmul_reference
 from er_jax.kernels.rejection import rejection_sample_reference
@@ -22,6 +23,10 @@ def attention(q, k, v, q_pos, *, ex, layer=None):
     return attention_reference(q, k, v, q_pos)
 
 
+def kv_write(k_all, v_all, k, v, positions, *, ex, layer):
+    return write_layer(k_all, v_all, k, v, positions, layer)
+
+
 def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex):
     return rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc, keys)
 
@@ -30,5 +35,5 @@ def sample(keys, logp, *, ex, greedy=False):
     return gumbel_sample(keys, logp, greedy)
 
 
-IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention,
+IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
          "rejection_sample": rejection_sample, "sample": sample}

@@ -352,6 +352,57 @@ def test_sample_law_and_edges():
 
 
 @needs_native
+# -- the KV cache write ------------------------------------------------------------------------------
+def _write_numpy(k_all, v_all, k, v, pos, layer):
+    """The expected cache, by a plain loop: jnp's `.at[].set` rules (negative from the end, else dropped)."""
+    ka, va = np.array(k_all), np.array(v_all)
+    S = ka.shape[2]
+    for b in range(pos.shape[0]):
+        for t in range(pos.shape[1]):
+            s = int(pos[b, t]) + (S if pos[b, t] < 0 else 0)
+            if 0 <= s < S:
+                ka[layer, b, s], va[layer, b, s] = np.asarray(k[b, t]), np.asarray(v[b, t])
+    return ka, va
+
+
+@needs_native
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_kv_write_in_place_matches_reference(dt):
+    """native.kv_write == cache.write_layer == a plain loop, bit for bit (a copy), at a static and a traced
+    layer, T = 1 and T = 3, positions past either end; and under jit with the cache donated the compiled
+    module copies no cache (the point of the op: XLA's CPU scatter round-tripped a bf16 cache through f32)."""
+    from er_jax.cache import write_layer
+    rng = np.random.default_rng(3)
+    L, B, S, KV, hd = 3, 4, 9, 2, 5
+    k_all, v_all = (jnp.asarray(rng.normal(size=(L, B, S, KV, hd)), dt) for _ in range(2))
+    for T, pos in [(1, [[0], [8], [-1], [9]]), (3, [[0, 1, 2], [6, 7, 8], [-10, -9, -8], [8, 9, 10]])]:
+        k, v = (jnp.asarray(rng.normal(size=(B, T, KV, hd)), jnp.float32) for _ in range(2))
+        pos = jnp.asarray(pos, jnp.int32)
+        kc, vc = k.astype(dt), v.astype(dt)
+        for layer in (0, 2):
+            want = _write_numpy(k_all, v_all, kc, vc, np.asarray(pos), layer)
+            for got in (jax.jit(lambda *a: native.kv_write(*a, layer=layer))(k_all, v_all, k, v, pos),
+                        jax.jit(lambda *a: native.kv_write(*a[:5], layer=a[5]))(k_all, v_all, k, v, pos,
+                                                                                 jnp.int32(layer)),
+                        write_layer(k_all, v_all, k, v, pos, layer)):
+                for g, w in zip(got, want):
+                    assert g.dtype == jnp.dtype(dt)
+                    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), w.astype(np.float32))
+    f = jax.jit(lambda ka, va, k, p: native.kv_write(ka, va, k, k, p, layer=1), donate_argnums=(0, 1))
+    hlo = f.lower(k_all, v_all, k, pos).compile().as_text()
+    cache_shape = f"[{L},{B},{S},{KV},{hd}]"
+    assert "er_jax_native_kv_write" in hlo
+    assert not [ln for ln in hlo.splitlines() if " copy(" in ln and cache_shape in ln], hlo
+
+
+def test_kv_write_refuses_bad_shapes():
+    ka = jnp.zeros((2, 3, 5, 2, 4))
+    with pytest.raises(ValueError, match=r"kv_write: want"):
+        native.kv_write(ka, ka, jnp.zeros((3, 1, 2, 4)), jnp.zeros((3, 1, 2, 4)), jnp.zeros((3, 2), jnp.int32), layer=0)
+    with pytest.raises(ValueError, match=r"kv_write: want"):
+        native.kv_write(ka, ka, jnp.zeros((2, 1, 2, 4)), jnp.zeros((2, 1, 2, 4)), jnp.zeros((2, 1), jnp.int32), layer=0)
+
+
 def test_attention_refuses_bad_input():
     q, k = jnp.ones((1, 1, 6, 8)), jnp.ones((2, 1, 5, 3, 8))
     with pytest.raises(ValueError, match="needs layer="):
