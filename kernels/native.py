@@ -243,8 +243,8 @@ def attention(q, k, v, q_pos, *, ex=None, layer=None, isa: str | None = None, th
 def kv_write(k_all, v_all, k, v, positions, *, ex=None, layer):
     """`er_jax.cache.write_layer` in place (the outputs alias k_all / v_all; with the cache donated nothing
     is copied): XLA's CPU scatter converted a whole bf16 cache to f32 and back around each layer's write.
-    Other dtypes (or no extension, a non-CPU backend): the reference."""
-    del ex
+    Other dtypes, no extension, a non-CPU backend, or a device mesh (GSPMD partitions the reference's scatter;
+    it would gather the whole cache around an opaque custom call): the reference."""
     shapes = tuple(tuple(getattr(a, "shape", ())) for a in (k_all, v_all, k, v, positions))
     if (len(shapes[0]) != 5 or shapes[1] != shapes[0] or len(shapes[2]) != 4 or shapes[3] != shapes[2]
             or shapes[2][0] != shapes[0][1] or shapes[2][2:] != shapes[0][3:] or shapes[4] != shapes[2][:2]):
@@ -252,7 +252,7 @@ def kv_write(k_all, v_all, k, v, positions, *, ex=None, layer):
                          f"[B, T]; got {', '.join(map(str, shapes))}")
     k, v = k.astype(k_all.dtype), v.astype(v_all.dtype)
     if not (available() and platform() == "cpu" and jnp.dtype(k_all.dtype) in _NATIVE_DTYPES
-            and v_all.dtype == k_all.dtype):
+            and v_all.dtype == k_all.dtype and getattr(ex, "mesh", None) is None):
         return write_layer(k_all, v_all, k, v, positions, layer)
     out = (jax.ShapeDtypeStruct(k_all.shape, k_all.dtype), jax.ShapeDtypeStruct(v_all.shape, v_all.dtype))
     return jax.ffi.ffi_call("er_jax_native_kv_write", out, vmap_method="sequential",

@@ -9,6 +9,7 @@ sums and scales). bf16 outputs add one bf16 ulp (2^-7 relative) for a rounding t
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -393,6 +394,10 @@ def test_kv_write_in_place_matches_reference(dt):
     cache_shape = f"[{L},{B},{S},{KV},{hd}]"
     assert "er_jax_native_kv_write" in hlo
     assert not [ln for ln in hlo.splitlines() if " copy(" in ln and cache_shape in ln], hlo
+    # On a device mesh the op is the reference's scatter, which GSPMD partitions (no opaque custom call).
+    on_mesh = types.SimpleNamespace(mesh="a mesh")
+    g = jax.jit(lambda ka, va, k, p: native.kv_write(ka, va, k, k, p, ex=on_mesh, layer=1))
+    assert "er_jax_native_kv_write" not in g.lower(k_all, v_all, k, pos).as_text()
 
 
 def test_kv_write_refuses_bad_shapes():
