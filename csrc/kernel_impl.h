@@ -231,7 +231,7 @@ static void tail_columns(const Problem& p, int64_t b0, int64_t b1, int64_t g, in
 // matmuls follow each other with nothing to overlap them. (Prefetches past the weights' last row are
 // harmless: a prefetch never faults.) Not for f32 / bf16 at M <= 2: there the hardware prefetcher keeps up
 // on their 2-4x longer segments and the prefetches only cost (SmolLM2's head, f32, M = 1: 11 -> 18-23 GB/s
-// without them and with kSmallKR rows; docs/cpu_profile.md, "Night").
+// without them and with kKR / 2 rows; docs/cpu_profile.md, "Night").
 template <int FMT>
 static inline void prefetch_rows(const Problem& p, int64_t r0, int64_t r1, int64_t col, int64_t cols) {
   constexpr int64_t esize = FMT == kF32 ? 4 : FMT == kBF16 ? 2 : 1;  // int4: bytes of packed rows

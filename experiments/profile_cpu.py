@@ -4,7 +4,8 @@ steps and on each of their parts, compiled separately with the same shapes, for 
     python experiments/profile_cpu.py [--backends xla native] [--context 300] [--reps 15] [--dtype float32]
 
 Steps timed (median of --reps, after warm-up; each a jitted call that blocks on its result, i.e. one host
-round trip, as in the engine's loop):
+round trip, as in the engine's loop; the calls that carry the cache — the AR step, layers, kv_write — donate
+it, as the engine does, so none of them pays a copy of it):
   ar_b1 / ar_b64: one engine AR step (`engine.ar_step`: forward + sampling + bookkeeping), batch 1 / 64,
       every row with --context cached tokens;
   draft_b1_<scheme>: one drafter step (`speculative.draft` with γ = 1: drafter forward + sampling) at
