@@ -2,6 +2,7 @@
 //
 // Handlers (registered from kernels/native.py with jax.ffi.register_ffi_target(..., platform="cpu")):
 //   er_jax_native_dense(x, w)                 -> y   x f32|bf16 [..., M, K], w f32|bf16 [..., K, N]
+//   er_jax_native_panel(x, w)                 -> y   w f32|bf16 [..., N/16, K, 16] (panel-major, er_native.h)
 //   er_jax_native_int8(x, data, scale)        -> y   data int8 [..., K, N], scale f32 [..., 1, N]
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
@@ -133,6 +134,42 @@ bool self_check(const Kernels* kern) {
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < N; ++j) s1[i * N + j] = j < ca ? a[i * ca + j] : b[i * (N - ca) + j - ca];
       if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * N) != 0) return false;
+    }
+  }
+  // Panel-major f32 / bf16: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
+  {
+    const int64_t PK = 300, PN = 2 * kern->col_align + kPanelCols;
+    std::vector<float> px(7 * PK), pf(PN * PK);
+    std::vector<uint16_t> pb(PN * PK);
+    for (auto& v : px) v = static_cast<float>(next() % 7 - 3);
+    for (int64_t i = 0; i < PN * PK; ++i) {
+      pf[i] = static_cast<float>(next() % 9 - 4);
+      uint32_t u;
+      std::memcpy(&u, &pf[i], 4);
+      pb[i] = static_cast<uint16_t>(u >> 16);
+    }
+    for (int fmt : {kF32Panel, kBF16Panel}) {
+      for (int64_t m : {1, 2, 7}) {
+        Problem p{};
+        p.fmt = fmt;
+        p.m = m;
+        p.k = PK;
+        p.n = PN;
+        p.x = px.data();
+        p.xs = PK;
+        p.w = fmt == kF32Panel ? static_cast<const void*>(pf.data()) : static_cast<const void*>(pb.data());
+        s0.assign(m * PN, 0.f);
+        ref->run_block(p, 0, PK, 0, PN, s0.data(), false);
+        const int64_t ca = kern->col_align;
+        std::vector<float> a(m * ca), b(m * (PN - ca));
+        kern->run_block(p, 0, 128, 0, ca, a.data(), false);
+        kern->run_block(p, 128, PK, 0, ca, a.data(), true);
+        kern->run_block(p, 0, PK, ca, PN, b.data(), false);
+        s1.assign(m * PN, 0.f);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < PN; ++j) s1[i * PN + j] = j < ca ? a[i * ca + j] : b[i * (PN - ca) + j - ca];
+        if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * PN) != 0) return false;
+      }
     }
   }
   // Sampling (vector exp, max, masking): 37 log-weights spanning [-6, 3] and two -inf; each u is the middle
@@ -417,14 +454,15 @@ struct Plan {
 // blocks only, ~4 per thread, each with all of K.
 Plan plan(const Kernels* kern, const Problem& p, int64_t threads, size_t weight_bytes) {
   Plan pl{};
-  const int64_t align = kern->col_align;
+  const int64_t align = kern->col_align;  // a multiple of kPanelCols
   const int64_t kalign = p.fmt == kInt4 ? p.group : kern->k_align;
   pl.threads = static_cast<int64_t>(weight_bytes) < threading().min_bytes ? 1 : threads;
   const int64_t T = pl.threads;
   const int64_t cw_max = std::max<int64_t>(align, kAccFloats / p.m / align * align);
   const int64_t max_blocks = (p.n + align - 1) / align;
   int64_t nc = (p.n + cw_max - 1) / cw_max;
-  const bool ksplit = T > 1 && p.m <= kMaxKSplitM;
+  const bool panels = p.fmt == kF32Panel || p.fmt == kBF16Panel;  // sequential streams: columns only
+  const bool ksplit = T > 1 && p.m <= kMaxKSplitM && !panels;
   if (T > 1 && !ksplit) nc = std::max(nc, 4 * T);
   nc = std::max<int64_t>(1, std::min(nc, max_blocks));
   pl.cw = (p.n + nc - 1) / nc;
@@ -548,18 +586,26 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   const bool x_bf16 = xt == ffi::DataType::BF16;
   if (xt != ffi::DataType::F32 && !x_bf16) return invalid("x must be float32 or bfloat16");
   if (y->element_type() != xt) return invalid("the output dtype must be x's");
-  if (fmt == kF32 && wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
+  if ((fmt == kF32 || fmt == kF32Panel) && wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
     return invalid("dense weights must be float32 or bfloat16");
   if (fmt == kInt8 && wt != ffi::DataType::S8) return invalid("int8 weights must be int8");
   if (fmt == kInt4 && wt != ffi::DataType::U8) return invalid("int4 weights must be uint8 (two codes per byte)");
   if (scale && scale->element_type() != ffi::DataType::F32) return invalid("scale must be float32");
   if (zero && zero->element_type() != ffi::DataType::U8) return invalid("zero must be uint8");
-  const int f = (fmt == kF32 && wt == ffi::DataType::BF16) ? kBF16 : fmt;
+  const bool bf16_w = wt == ffi::DataType::BF16;
+  const int f = fmt == kF32 && bf16_w ? kBF16 : fmt == kF32Panel && bf16_w ? kBF16Panel : fmt;
+  const bool panels = fmt == kF32Panel;
 
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  // Panels [..., N / 16, K, 16] are read as [..., N / 16, K] for the shape and broadcasting rules below.
+  const auto wfull = w.dimensions();
+  if (panels && (wfull.size() < 3 || wfull[wfull.size() - 1] != kPanelCols))
+    return invalid("panel weights must be [..., N / 16, K, 16], got " + dims_str(wfull));
+  const auto wd = panels ? wfull.first(wfull.size() - 1) : wfull;
   if (xd.size() < 2 || wd.size() < 2 || yd.size() < 2) return invalid("operands must be at least 2-D");
   const int64_t M = xd[xd.size() - 2], K = xd[xd.size() - 1];
-  const int64_t R = wd[wd.size() - 2], N = wd[wd.size() - 1];
+  const int64_t R = panels ? wd[wd.size() - 1] : wd[wd.size() - 2];
+  const int64_t N = panels ? wd[wd.size() - 2] * kPanelCols : wd[wd.size() - 1];
   if (yd[yd.size() - 2] != M || yd[yd.size() - 1] != N)
     return invalid("output shape " + dims_str(yd) + " does not match x " + dims_str(xd) + " @ w " + dims_str(wd));
   int64_t group = 128, S = 0;
@@ -586,7 +632,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   // Leading (batch) dimensions, right-aligned against the output's.
   const size_t lead = yd.size() - 2;
   std::vector<Operand> ops = {{"x", xd, M * K * (x_bf16 ? 2 : 4)},
-                              {"w", wd, R * N * (f == kF32 ? 4 : f == kBF16 ? 2 : 1)}};
+                              {"w", wd, R * N * (f == kF32 || f == kF32Panel ? 4 : f == kBF16 || f == kBF16Panel ? 2 : 1)}};
   if (scale) ops.push_back({"scale", scale->dimensions(), (f == kInt4 ? S : 1) * N * 4});
   if (zero) ops.push_back({"zero", zero->dimensions(), S * N});
   std::vector<std::vector<int64_t>> strides(ops.size(), std::vector<int64_t>(lead, 0));
@@ -649,6 +695,10 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
 ffi::Error dense_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                       int32_t isa, int32_t threads) {
   return run_handler(tp, kF32, x, w, nullptr, nullptr, y, isa, threads);
+}
+ffi::Error panel_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                      int32_t isa, int32_t threads) {
+  return run_handler(tp, kF32Panel, x, w, nullptr, nullptr, y, isa, threads);
 }
 ffi::Error int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
                      ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
@@ -797,6 +847,14 @@ ffi::Error kv_write_impl(ffi::AnyBuffer k_all, ffi::AnyBuffer v_all, ffi::AnyBuf
 #pragma GCC visibility push(default)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_dense, er_native::dense_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_panel, er_native::panel_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

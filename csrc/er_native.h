@@ -8,7 +8,11 @@
 namespace er_native {
 
 enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
-enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
+enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3, kF32Panel = 4, kBF16Panel = 5 };
+
+// Panel-major dense weights (er_jax.panels.PanelArray): W [N / kPanelCols, K, kPanelCols], column
+// kPanelCols * j + i of row k at [j, k, i]; N is a multiple of kPanelCols.
+constexpr int64_t kPanelCols = 16;
 
 // One matmul y[M, N] = x[M, K] @ W[K, N]. x has been converted to f32 (row stride xs >= K, zero-padded
 // up to a multiple of the block size so the int4 kernel may read the padding rows' x as zeros).
@@ -17,7 +21,7 @@ struct Problem {
   int64_t m, k, n;
   const float* x;
   int64_t xs;
-  const void* w;        // f32 | bf16 (uint16) | int8 [K, N]; int4: uint8 [Kp/2, N]
+  const void* w;        // f32 | bf16 (uint16) | int8 [K, N]; int4: uint8 [Kp/2, N]; panels: [N/16, K, 16]
   const float* scale;   // int8: [1, N]; int4: [Kp/G, N]
   const uint8_t* zero;  // int4: [Kp/G, N]
   int64_t group;        // int4 group size G (even)
@@ -25,7 +29,7 @@ struct Problem {
 
 // The f32 partial sums of rows [k0, k1) of W for output columns [c0, c1) and all M rows, written to
 // (or, with accumulate, added to) acc [M, c1 - c0]; int8's per-column scale is not applied.
-// int4: k0 is a multiple of the group size.
+// int4: k0 is a multiple of the group size. Panels: c0 and c1 are multiples of kPanelCols.
 typedef void (*RunBlockFn)(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                            bool accumulate);
 

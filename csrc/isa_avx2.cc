@@ -65,6 +65,10 @@ constexpr int kMR1 = 1, kNV1 = 8, kMR2 = 2, kNV2 = 4, kMRB = 6, kNVB = 2;
 // Both divide the int4 group size (128) and are even.
 constexpr int kKR = 8, kKRB = 16;  // 16: at M = 32, 16 rows ran 10-25% faster than 32 (this CPU)
 
+// Panel-major weights (2 vectors per panel): M = 1: 4 panels (8 accumulators, 4 streams); M = 2: 2 x 2;
+// M >= 3: 6 rows x 1 panel.
+constexpr int kPNP1 = 4, kPNP2 = 2, kPMRB = 6, kPNPB = 1;
+
 #include "kernel_impl.h"
 
 const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block, attend, sample_row};

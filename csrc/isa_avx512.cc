@@ -57,6 +57,9 @@ constexpr int kMR1 = 1, kNV1 = 8, kMR2 = 2, kNV2 = 8, kMRB = 6, kNVB = 4;
 // Both divide the int4 group size (128) and are even.
 constexpr int kKR = 8, kKRB = 32;
 
+// Panel-major weights (1 vector per panel): M = 1: 8 panels; M = 2: 2 x 4; M >= 3: 6 rows x 4 panels.
+constexpr int kPNP1 = 8, kPNP2 = 4, kPMRB = 6, kPNPB = 4;
+
 #include "kernel_impl.h"
 
 const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kKR, run_block, attend, sample_row};

@@ -53,6 +53,8 @@ constexpr int kMR1 = 1, kNV1 = 4, kMR2 = 2, kNV2 = 2, kMRB = 4, kNVB = 2;
 // Both divide the int4 group size (128) and are even.
 constexpr int kKR = 8, kKRB = 32;
 
+constexpr int kPNP1 = 4, kPNP2 = 2, kPMRB = 4, kPNPB = 1;  // panel-major weights, as AVX2's
+
 #include "kernel_impl.h"
 
 const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block, attend, sample_row};

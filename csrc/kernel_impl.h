@@ -5,7 +5,8 @@
 //              load_bf16 (W bf16 -> f32), load_i8 (W int8 -> f32), load_u8_i32 (W uint8 -> int32),
 //              fnmadd(a, b, c) = c - a * b, mul, cvt_u8 (W uint8 -> f32),
 //              load_u4 (W bytes -> their low / high nibbles as f32) };
-// and the register-tile shapes kMR1/kNV1 (M == 1), kMR2/kNV2 (M == 2), kMRB/kNVB (M >= 3).
+// and the register-tile shapes kMR1/kNV1 (M == 1), kMR2/kNV2 (M == 2), kMRB/kNVB (M >= 3); for panel-major
+// weights, kPNP1 / kPNP2 panels at M = 1 / 2 and kPMRB rows x kPNPB panels at M >= 3.
 //
 // Layout (er_jax.quant.QuantArray, read in place): W is row-major [K, N] (int4: [Kp/2, N] bytes,
 // byte j = rows 2j (low nibble) and 2j+1 (high nibble)). The work unit is a range of output columns
@@ -282,12 +283,94 @@ static void run_m(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t 
   else run_fmt<FMT, kMRB, kNVB>(p, k0, k1, c0, c1, acc, accumulate);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Panel-major dense weights (kF32Panel / kBF16Panel, er_native.h): a 16-column panel is one contiguous
+// K x 16 stream, so a thread reads NP sequential streams whatever M is (the [K, N] layout above makes it
+// read kKR row segments per column block, which at M >= 3 left the f32 kernels latency-bound at 3-4 GB/s).
+// A tile keeps MR rows x NP panels of accumulators in registers over a k block of kPanelKC rows (16 KiB of
+// f32 panel: L1-resident for the M tiles after the first) and adds them into the scratch [M, c1 - c0]. The
+// first M tile of a k block prefetches the same rows of the next NP panels.
+constexpr int64_t kPanelKC = 256;
+
+template <int FMT, int MR, int NP, bool PF>
+static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t j0, const float* x, float* sc,
+                              int64_t ss) {
+  constexpr int WF = FMT == kF32Panel ? kF32 : kBF16;
+  constexpr int NV = kPanelCols / V::W, U = NP * NV;
+  constexpr int64_t esize = WF == kF32 ? 4 : 2;
+  typename V::F acc[MR][U];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
+  const int64_t stride = p.k * kPanelCols, base = j0 * stride;  // elements between panels; panel j0's start
+  for (int64_t k = k0; k < k1; ++k) {
+    typename V::F w[U];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < NV; ++v) w[q * NV + v] = load_w<WF>(p.w, base + q * stride + k * kPanelCols + v * V::W);
+    if constexpr (PF) {
+      if (esize == 4 || (k & 1) == 0)  // one prefetch per 64-byte line
+        for (int q = 0; q < NP; ++q)
+          __builtin_prefetch(static_cast<const char*>(p.w) + (base + (q + NP) * stride + k * kPanelCols) * esize);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const typename V::F b = V::bcast(x[m * p.xs + k]);
+      for (int u = 0; u < U; ++u) acc[m][u] = V::fma(b, w[u], acc[m][u]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) {
+      float* d = sc + m * ss + u * V::W;  // panel q = u / NV, vector v = u % NV: column 16 q + W v
+      V::store(d, V::add(V::load(d), acc[m][u]));
+    }
+}
+
+template <int FMT, int R, int NP>
+static inline void panel_rem(int64_t r, bool pf, const Problem& p, int64_t k0, int64_t k1, int64_t j0,
+                             const float* x, float* sc, int64_t ss) {
+  if constexpr (R >= 1) {
+    if (r != R) return panel_rem<FMT, R - 1, NP>(r, pf, p, k0, k1, j0, x, sc, ss);
+    if (pf) panel_tile<FMT, R, NP, true>(p, k0, k1, j0, x, sc, ss);
+    else panel_tile<FMT, R, NP, false>(p, k0, k1, j0, x, sc, ss);
+  }
+}
+
+// Panels [j0, j0 + NP) for all M rows and rows [k0, k1) of K; sc = &scratch[0, 16 j0 - c0], row stride ss.
+template <int FMT, int MR, int NP>
+static void panel_group(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
+  for (int64_t kb = k0; kb < k1; kb += kPanelKC) {
+    const int64_t ke = imin(kb + kPanelKC, k1);
+    int64_t m = 0;
+    for (; m + MR <= p.m; m += MR) {
+      if (m == 0) panel_tile<FMT, MR, NP, true>(p, kb, ke, j0, p.x, sc, ss);
+      else panel_tile<FMT, MR, NP, false>(p, kb, ke, j0, p.x + m * p.xs, sc + m * ss, ss);
+    }
+    if (m < p.m) panel_rem<FMT, MR - 1, NP>(p.m - m, m == 0, p, kb, ke, j0, p.x + m * p.xs, sc + m * ss, ss);
+  }
+}
+
+template <int FMT, int MR, int NP>
+static void run_panels_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+  const int64_t cw = c1 - c0, j1 = c1 / kPanelCols;
+  int64_t j = c0 / kPanelCols;
+  for (; j + NP <= j1; j += NP) panel_group<FMT, MR, NP>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+  for (; j < j1; ++j) panel_group<FMT, MR, 1>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+}
+
+template <int FMT>
+static void run_panels(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, bool accumulate) {
+  if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
+  if (p.m == 1) run_panels_mr<FMT, 1, kPNP1>(p, k0, k1, c0, c1, acc);
+  else if (p.m == 2) run_panels_mr<FMT, 2, kPNP2>(p, k0, k1, c0, c1, acc);
+  else run_panels_mr<FMT, kPMRB, kPNPB>(p, k0, k1, c0, c1, acc);
+}
+
 static void run_block(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, bool accumulate) {
   switch (p.fmt) {
     case kF32: run_m<kF32>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kBF16: run_m<kBF16>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kInt8: run_m<kInt8>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kInt4: run_m<kInt4>(p, k0, k1, c0, c1, acc, accumulate); break;
+    case kF32Panel: run_panels<kF32Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
+    case kBF16Panel: run_panels<kBF16Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
     default: break;
   }
 }

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from er_jax.cache import KVCache
 from er_jax.config import DTYPES, ModelConfig
 from er_jax.execution import Execution
+from er_jax.panels import pack_weights
 from er_jax.quant import QuantArray
 
 DEFAULT_EXECUTION = Execution()  # XLA, one device, stacked layers
@@ -76,10 +77,13 @@ def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution, stack
 
 def logits_from_hidden(config: ModelConfig, weights, x, ex: Execution = DEFAULT_EXECUTION):
     """Final norm and LM head; f32 logits. A drafter with its own quantized head (`lm_head_q`, see
-    er_jax.quant.derive_drafter) runs it through the backend's quant_matmul op, f32 activations."""
+    er_jax.quant.derive_drafter) runs it through the backend's quant_matmul op, and a packed head
+    (`lm_head_p`, `execution_layout`) through its matmul op, f32 activations."""
     x = rms_norm(x, weights["final_norm"], config.rms_norm_eps)
     if weights.get("lm_head_q") is not None:
         return ex.op("quant_matmul")(x.astype(jnp.float32), weights["lm_head_q"], ex=ex, name="lm_head")
+    if weights.get("lm_head_p") is not None:
+        return ex.op("matmul")(x.astype(jnp.float32), weights["lm_head_p"], ex=ex, name="lm_head")
     head = weights["embed"].T if config.tie_embeddings else weights["lm_head"]
     return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
 
@@ -152,6 +156,17 @@ def unstack_layers(weights):
     layers = weights["layers"]
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     return {**weights, "layers": tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(n))}
+
+
+def execution_layout(weights, ex: Execution, head=None):
+    """The weights as `ex` runs them: the stacked contract itself, or (`ex.layout == "unstacked"`, CPU) its
+    per-layer view, on the native backend with the dense projections and the LM head in panel-major layout
+    (er_jax.panels.pack_weights; `head`: a packed head to share, e.g. the target's for its drafter). Derive
+    it again after every weight update; the result is read-only."""
+    if ex.layout != "unstacked":
+        return weights
+    weights = unstack_layers(weights)
+    return pack_weights(weights, head) if ex.backend == "native" else weights
 
 
 def init_weights(config: ModelConfig, key, scale: float = 0.02):

@@ -15,7 +15,7 @@ from er_jax import controller, sharding
 from er_jax.config import DRAFTER_HEADS, MODES, SCHEMES, ModelConfig, RolloutConfig, check_choice
 from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
 from er_jax.execution import resolve_execution
-from er_jax.model import forward, unstack_layers, validate_weights
+from er_jax.model import execution_layout, forward, validate_weights
 from er_jax.quant import derive_drafter, head_bytes, projection_bytes
 from er_jax.sampling import reported_log_probs, token_logprob
 
@@ -83,7 +83,8 @@ class SpecRollout:
                              kv_budget_bytes=kv_budget_bytes, forced_acceptance=forced_acceptance)
         self.weights = None
         self.drafter = None
-        self.derive_seconds: list[float] = []
+        self.derive_seconds: list[float] = []  # per update_params: the drafter's derivation (and its layout)
+        self.layout_seconds: list[float] = []  # per update_params: the target's execution layout (e.g. packing)
         self.update_params(weights)
 
     # -- tunix-shaped interface --------------------------------------------------------------------------
@@ -115,13 +116,15 @@ class SpecRollout:
         weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), weights)
         if self.mesh is not None:
             weights = sharding.shard_weights(weights, self.mesh)
-        self.weights = self._execution_layout(weights)
+        t0 = time.perf_counter()
+        self.weights = jax.block_until_ready(execution_layout(weights, self.ex))
+        self.layout_seconds.append(time.perf_counter() - t0)
         if self.speculates:
             t0 = time.perf_counter()
             drafter = derive_drafter(weights, self.drafter_scheme, head=self.drafter_head)
             if self.mesh is not None:
                 drafter = sharding.shard_weights(drafter, self.mesh)
-            self.drafter = jax.block_until_ready(self._execution_layout(drafter))
+            self.drafter = jax.block_until_ready(execution_layout(drafter, self.ex, self.weights.get("lm_head_p")))
             self.derive_seconds.append(time.perf_counter() - t0)
 
     def _policy_for(self, policy: controller.Policy | None) -> controller.Policy:
@@ -131,9 +134,6 @@ class SpecRollout:
             raise ValueError(f"a {policy.mode!r} policy speculates, but this SpecRollout (mode {self.mode!r}) derived "
                              f"no drafter; create it with a speculating mode (or policy=)")
         return policy
-
-    def _execution_layout(self, weights):
-        return unstack_layers(weights) if self.layout == "unstacked" else weights
 
     def generate(self, prompts: Sequence, rollout_config: RolloutConfig | None = None, *,
                  min_new_tokens: Sequence[int] | None = None, max_new_tokens: Sequence[int] | None = None,
@@ -172,6 +172,7 @@ class SpecRollout:
         out.stats.update(mode=policy.mode, kernels=self.kernels, kv_cache_bytes=self.engine.kv_bytes,
                          drafter_bytes=self.drafter_bytes, compile_count=self.engine.compile_count,
                          drafter_derive_s=self.derive_seconds[-1] if self.derive_seconds else None,
+                         weights_layout_s=self.layout_seconds[-1] if self.layout_seconds else None,
                          forced_acceptance=self.engine.forced_acceptance)
         return out
 

@@ -31,6 +31,7 @@ from er_jax.config import platform
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.kernels.rejection import rejection_sample_reference
+from er_jax.panels import PANEL, PanelArray
 from er_jax.quant import QuantArray
 from er_jax.sampling import sample as gumbel_sample
 from er_jax.sampling import sample_inverse_cdf_reference, uniforms
@@ -47,7 +48,8 @@ AUTO_MAX_M = {"dense": 32, "quant": 64}
 # ours runs 13-19 (docs/cpu_profile.md, "Night"). bf16 / quantized weights stay native at every M.
 XLA_F32_BELOW_M = 2
 
-_TARGETS = ("er_jax_native_dense", "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention",
+_TARGETS = ("er_jax_native_dense", "er_jax_native_panel", "er_jax_native_int8", "er_jax_native_int4",
+            "er_jax_native_attention",
             "er_jax_native_sample", "er_jax_native_kv_write")
 _state: dict | None = None
 
@@ -155,6 +157,8 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | N
     uniform signature, ignored. `isa`: run this ISA's kernel for any M <= MAX_M (tests, benchmarks);
     default: the process's ISA up to AUTO_MAX_M rows, XLA beyond. `threads`: cap this call's threads."""
     del ex, name
+    if isinstance(w, PanelArray):
+        return _panel_matmul(x, w, isa, threads)
     if not hasattr(w, "shape") or not hasattr(w, "dtype") or w.ndim != 2:
         raise ValueError(f"matmul: w must be a 2-D [K, N] array, got {getattr(w, 'shape', type(w).__name__)}")
     if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -169,6 +173,25 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | N
     y = jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((m, n), x.dtype),
                          vmap_method="expand_dims")(x.reshape(m, k), w, isa=np.int32(code),
                                                                threads=np.int32(threads or 0))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _panel_matmul(x, pa: PanelArray, isa, threads):
+    """`matmul` with panel-major weights: native for every M (products of more than MAX_M rows run in
+    MAX_M-row pieces, each reading the weights once), the reference only where the kernels cannot run."""
+    p, k, c = pa.data.shape
+    if pa.data.ndim != 3 or c != PANEL or jnp.dtype(pa.dtype) not in _NATIVE_DTYPES:
+        raise ValueError(f"matmul: PanelArray data must be float32 / bfloat16 [N/{PANEL}, K, {PANEL}], got "
+                         f"{pa.dtype} {tuple(pa.data.shape)}")
+    _check_x(x, k, "matmul")
+    m, n = math.prod(x.shape[:-1]), p * c
+    if not (jnp.dtype(x.dtype) in _NATIVE_DTYPES and m > 0 and available() and platform() == "cpu"):
+        return matmul_reference(x, pa)
+    code, x2 = _isa_code(isa), x.reshape(m, k)
+    run = lambda xs: jax.ffi.ffi_call("er_jax_native_panel", jax.ShapeDtypeStruct((xs.shape[0], n), x.dtype),
+                                      vmap_method="expand_dims")(xs, pa.data, isa=np.int32(code),
+                                                                 threads=np.int32(threads or 0))
+    y = run(x2) if m <= MAX_M else jnp.concatenate([run(x2[i:i + MAX_M]) for i in range(0, m, MAX_M)])
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 
 from er_jax.kernels import (MIN_DOT, Tuning, call, check_positive_pow2, fit_block, next_pow2, resolve_interpret,
                             round_up)
+from er_jax.panels import PanelArray, unpack
 from er_jax.quant import QuantArray, dequantize
 
 TARGET_PROGRAMS = 256  # split K until about this many programs run (memory-bound decode on ~132 SMs)
@@ -48,7 +49,10 @@ def dequant_matmul(x, qa: QuantArray):
 
 
 def matmul_reference(x, w):
-    """Dense x [..., K] @ w [K, N] with f32 accumulation, cast to x.dtype."""
+    """Dense x [..., K] @ w [K, N] (an array or an er_jax.panels.PanelArray) with f32 accumulation, cast to
+    x.dtype."""
+    if isinstance(w, PanelArray):
+        w = unpack(w)
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -1,0 +1,129 @@
+"""Panel-major dense weights (er_jax.panels) and the native kernel that reads them, against the references.
+
+Tolerances as in tests/test_native.py (the worst case of f32 summation in any order); integer-valued data
+makes every sum exact, so there the kernels must match numpy bit for bit on every ISA.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from er_jax.execution import Execution
+from er_jax.kernels import native
+from er_jax.kernels.quant_matmul import matmul_reference
+from er_jax.model import execution_layout, forward
+from er_jax.panels import PANEL, PanelArray, can_pack, pack, pack_weights, unpack
+from er_jax.quant import QuantArray, derive_drafter
+from er_jax.cache import init_cache
+from tests.helpers import tiny_model
+from tests.test_native import _abs_weights, _check, _data, _isas, needs_native
+
+# M: one row, two, a 6-row tile plus remainders, and more than native.MAX_M (run in pieces); K across the
+# kernel's 256-row k block; N: whole 4-panel groups plus single panels.
+MS = (1, 2, 3, 7, 16, 64, 300)
+SHAPES = ((301, 208), (64, 48))
+
+
+def test_pack_round_trip_and_layout():
+    w = jnp.asarray(np.arange(5 * 32, dtype=np.float32).reshape(5, 32))
+    pa = pack(w)
+    assert isinstance(pa, PanelArray) and pa.data.shape == (2, 5, PANEL) and pa.shape == (5, 32)
+    assert pa.dtype == jnp.float32 and pa.nbytes == 5 * 32 * 4
+    assert float(pa.data[1, 3, 2]) == float(w[3, PANEL + 2])  # column 16 j + i of row k at [j, k, i]
+    np.testing.assert_array_equal(np.asarray(unpack(pa)), np.asarray(w))
+    wb = w.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(unpack(pack(wb))), np.asarray(wb))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 24), np.float32), np.zeros((4, 32), np.int8), np.zeros((2, 4, 32)),
+                                 np.zeros((4, 0), np.float32)])
+def test_pack_refuses_what_it_cannot_hold(bad):
+    assert not can_pack(jnp.asarray(bad))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack(jnp.asarray(bad))
+
+
+def test_reference_reads_panels():
+    x, w = _data(3, 40, 32, seed=0)
+    np.testing.assert_array_equal(np.asarray(matmul_reference(jnp.asarray(x), pack(jnp.asarray(w)))),
+                                  np.asarray(matmul_reference(jnp.asarray(x), jnp.asarray(w))))
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("wdt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("xdt", ["float32", "bfloat16"])
+def test_panel_matmul_every_isa(k, n, wdt, xdt):
+    _, w = _data(1, k, n, seed=k)
+    wj = jnp.asarray(w, wdt)
+    pa = pack(wj)
+    xs = [jnp.asarray(_data(m, k, 1, seed=m)[0], xdt) for m in MS]
+    refs = jax.jit(lambda xs, w: [matmul_reference(x, w) for x in xs])(xs, wj)
+    w_abs = _abs_weights(wj.astype(jnp.float32))
+    for isa in _isas():
+        ys = jax.jit(lambda xs, pa: [native.matmul(x, pa, isa=isa) for x in xs])(xs, pa)
+        for x, y, ref in zip(xs, ys, refs):
+            assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
+            _check(y, ref, x, w_abs)
+
+
+@needs_native
+def test_panel_matmul_exact_on_integer_data():
+    """Exact sums: every ISA, every M tile and the >MAX_M pieces equal numpy's product bit for bit, with
+    leading dimensions and under vmap."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 4, (2, 150, 301)).astype(np.float32)
+    w = rng.integers(-4, 5, (301, 208)).astype(np.float32)
+    want = x @ w
+    for wdt in ("float32", "bfloat16"):  # small integers are exact in bf16
+        pa = pack(jnp.asarray(w, wdt))
+        for isa in _isas():
+            np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa, isa=isa)), want)
+        vm = jax.vmap(lambda xr: native.matmul(xr, pa))(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(vm), want)
+
+
+@needs_native
+def test_panel_matmul_refuses_malformed_panels():
+    x = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="PanelArray data"):
+        native.matmul(x, PanelArray(jnp.ones((2, 8, 8))))
+    with pytest.raises(ValueError, match="last axis must be the weight's K = 8"):
+        native.matmul(jnp.ones((2, 9)), pack(jnp.ones((8, 16))))
+
+
+def test_execution_layout_packs_only_for_native():
+    cfg, w = tiny_model()
+    native_ex, xla_ex = Execution("native", None, "unstacked"), Execution("xla", None, "unstacked")
+    assert execution_layout(w, Execution("native", None, "stacked")) is w
+    plain = execution_layout(w, xla_ex)
+    assert "lm_head_p" not in plain and not isinstance(plain["layers"][0]["wq"], PanelArray)
+    packed = execution_layout(w, native_ex)
+    assert all(isinstance(lw[n], PanelArray) for lw in packed["layers"] for n in ("wq", "wk", "wo", "w_down"))
+    assert not isinstance(packed["layers"][0]["attn_norm"], PanelArray)
+    head = w["embed"].T if cfg.tie_embeddings else w["lm_head"]
+    np.testing.assert_array_equal(np.asarray(unpack(packed["lm_head_p"])), np.asarray(head))
+    _, wt = tiny_model(tie_embeddings=True)
+    np.testing.assert_array_equal(np.asarray(unpack(execution_layout(wt, native_ex)["lm_head_p"])),
+                                  np.asarray(wt["embed"].T))
+    # a drafter sharing the target's head gets that packed head, not a second copy; its own int8 head stays
+    d = execution_layout(derive_drafter(w, "int8"), native_ex, packed["lm_head_p"])
+    assert d["lm_head_p"] is packed["lm_head_p"] and isinstance(d["layers"][0]["wq"], QuantArray)
+    dq = execution_layout(derive_drafter(w, "int8", head="int8"), native_ex, packed["lm_head_p"])
+    assert "lm_head_p" not in dq
+    with pytest.raises(ValueError, match="unstacked"):
+        pack_weights(w)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "xla"])
+def test_packed_forward_matches_the_stacked_reference(backend):
+    """Prefill and a cached decode step on the packed layout give the stacked XLA forward's logits."""
+    cfg, w = tiny_model()
+    tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, cfg.vocab_size)
+    ex = Execution(backend, None, "unstacked")
+    ref = forward(cfg, w, tokens)
+    got = forward(cfg, execution_layout(w, ex), tokens, ex=ex)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    lr, _ = forward(cfg, w, tokens, init_cache(cfg, 2, 8))
+    lg, _ = forward(cfg, execution_layout(w, ex), tokens, init_cache(cfg, 2, 8), ex=ex)
+    np.testing.assert_allclose(np.asarray(lg), np.asarray(lr), rtol=1e-5, atol=1e-5)
