@@ -3,6 +3,7 @@
 // Handlers (registered from kernels/native.py with jax.ffi.register_ffi_target(..., platform="cpu")):
 //   er_jax_native_dense(x, w)                 -> y   x f32|bf16 [..., M, K], w f32|bf16 [..., K, N]
 //   er_jax_native_panel(x, w)                 -> y   w f32|bf16 [..., N/16, K, 16] (panel-major, er_native.h)
+//   er_jax_native_panel_int8(x, data, scale)  -> y   data int8 [..., N/16, K, 16], scale f32 [..., 1, N]
 //   er_jax_native_int8(x, data, scale)        -> y   data int8 [..., K, N], scale f32 [..., 1, N]
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
@@ -136,19 +137,21 @@ bool self_check(const Kernels* kern) {
       if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * N) != 0) return false;
     }
   }
-  // Panel-major f32 / bf16: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
+  // Panel-major f32 / bf16 / int8: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
   {
     const int64_t PK = 300, PN = 2 * kern->col_align + kPanelCols;
     std::vector<float> px(7 * PK), pf(PN * PK);
     std::vector<uint16_t> pb(PN * PK);
+    std::vector<int8_t> pi(PN * PK);
     for (auto& v : px) v = static_cast<float>(next() % 7 - 3);
     for (int64_t i = 0; i < PN * PK; ++i) {
       pf[i] = static_cast<float>(next() % 9 - 4);
       uint32_t u;
       std::memcpy(&u, &pf[i], 4);
       pb[i] = static_cast<uint16_t>(u >> 16);
+      pi[i] = static_cast<int8_t>(next() % 255 - 127);
     }
-    for (int fmt : {kF32Panel, kBF16Panel}) {
+    for (int fmt : {kF32Panel, kBF16Panel, kInt8Panel}) {
       for (int64_t m : {1, 2, 7}) {
         Problem p{};
         p.fmt = fmt;
@@ -157,7 +160,9 @@ bool self_check(const Kernels* kern) {
         p.n = PN;
         p.x = px.data();
         p.xs = PK;
-        p.w = fmt == kF32Panel ? static_cast<const void*>(pf.data()) : static_cast<const void*>(pb.data());
+        p.w = fmt == kF32Panel ? static_cast<const void*>(pf.data())
+              : fmt == kBF16Panel ? static_cast<const void*>(pb.data())
+                                  : static_cast<const void*>(pi.data());
         s0.assign(m * PN, 0.f);
         ref->run_block(p, 0, PK, 0, PN, s0.data(), false);
         const int64_t ca = kern->col_align;
@@ -461,7 +466,7 @@ Plan plan(const Kernels* kern, const Problem& p, int64_t threads, size_t weight_
   const int64_t cw_max = std::max<int64_t>(align, kAccFloats / p.m / align * align);
   const int64_t max_blocks = (p.n + align - 1) / align;
   int64_t nc = (p.n + cw_max - 1) / cw_max;
-  const bool panels = p.fmt == kF32Panel || p.fmt == kBF16Panel;  // sequential streams: columns only
+  const bool panels = p.fmt >= kF32Panel;  // sequential streams: columns only
   const bool ksplit = T > 1 && p.m <= kMaxKSplitM && !panels;
   if (T > 1 && !ksplit) nc = std::max(nc, 4 * T);
   nc = std::max<int64_t>(1, std::min(nc, max_blocks));
@@ -588,19 +593,20 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   if (y->element_type() != xt) return invalid("the output dtype must be x's");
   if ((fmt == kF32 || fmt == kF32Panel) && wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
     return invalid("dense weights must be float32 or bfloat16");
-  if (fmt == kInt8 && wt != ffi::DataType::S8) return invalid("int8 weights must be int8");
+  if ((fmt == kInt8 || fmt == kInt8Panel) && wt != ffi::DataType::S8) return invalid("int8 weights must be int8");
   if (fmt == kInt4 && wt != ffi::DataType::U8) return invalid("int4 weights must be uint8 (two codes per byte)");
   if (scale && scale->element_type() != ffi::DataType::F32) return invalid("scale must be float32");
   if (zero && zero->element_type() != ffi::DataType::U8) return invalid("zero must be uint8");
   const bool bf16_w = wt == ffi::DataType::BF16;
   const int f = fmt == kF32 && bf16_w ? kBF16 : fmt == kF32Panel && bf16_w ? kBF16Panel : fmt;
-  const bool panels = fmt == kF32Panel;
+  const bool panels = fmt == kF32Panel || fmt == kInt8Panel;
 
   const auto xd = x.dimensions(), yd = y->dimensions();
   // Panels [..., N / 16, K, 16] are read as [..., N / 16, K] for the shape and broadcasting rules below.
   const auto wfull = w.dimensions();
   if (panels && (wfull.size() < 3 || wfull[wfull.size() - 1] != kPanelCols))
     return invalid("panel weights must be [..., N / 16, K, 16], got " + dims_str(wfull));
+  const bool int8 = f == kInt8 || f == kInt8Panel;  // a per-column scale [1, N], applied in finalize()
   const auto wd = panels ? wfull.first(wfull.size() - 1) : wfull;
   if (xd.size() < 2 || wd.size() < 2 || yd.size() < 2) return invalid("operands must be at least 2-D");
   const int64_t M = xd[xd.size() - 2], K = xd[xd.size() - 1];
@@ -620,7 +626,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   } else if (R != K) {
     return invalid("x " + dims_str(xd) + " and w " + dims_str(wd) + " disagree on K");
   }
-  if (f == kInt8 && scale->dimensions()[scale->dimensions().size() - 2] != 1)
+  if (int8 && scale->dimensions()[scale->dimensions().size() - 2] != 1)
     return invalid("int8 scale must be [1, N]");
   for (const ffi::AnyBuffer* b : {scale, zero}) {
     if (!b) continue;
@@ -669,7 +675,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     p.w = w.untyped_data();
     p.scale = scale ? static_cast<const float*>(scale->untyped_data()) : nullptr;
     p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) : nullptr;
-    const Output out{y->untyped_data(), x_bf16, f == kInt8 ? p.scale : nullptr};
+    const Output out{y->untyped_data(), x_bf16, int8 ? p.scale : nullptr};
     run_matmul(kern, xla_pool, threads, p, x.untyped_data(), x_bf16, out, wbytes);
     return ffi::Error::Success();
   }
@@ -682,7 +688,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     p.w = static_cast<const char*>(w.untyped_data()) + off[1];
     p.scale = scale ? reinterpret_cast<const float*>(static_cast<const char*>(scale->untyped_data()) + off[2]) : nullptr;
     p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) + off[3] : nullptr;
-    const Output out{static_cast<char*>(y->untyped_data()) + b * y_stride, x_bf16, f == kInt8 ? p.scale : nullptr};
+    const Output out{static_cast<char*>(y->untyped_data()) + b * y_stride, x_bf16, int8 ? p.scale : nullptr};
     run_matmul(kern, xla_pool, threads, p, static_cast<const char*>(x.untyped_data()) + off[0], x_bf16, out, wbytes);
     for (size_t i = lead; i-- > 0;) {  // row-major increment of the output's leading index
       if (++idx[i] < yd[i]) break;
@@ -699,6 +705,10 @@ ffi::Error dense_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
 ffi::Error panel_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                       int32_t isa, int32_t threads) {
   return run_handler(tp, kF32Panel, x, w, nullptr, nullptr, y, isa, threads);
+}
+ffi::Error panel_int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
+                           ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
+  return run_handler(tp, kInt8Panel, x, data, &scale, nullptr, y, isa, threads);
 }
 ffi::Error int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
                      ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
@@ -857,6 +867,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_dense, er_native::dense_impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_panel, er_native::panel_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_panel_int8, er_native::panel_int8_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()

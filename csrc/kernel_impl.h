@@ -284,20 +284,22 @@ static void run_m(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Panel-major dense weights (kF32Panel / kBF16Panel, er_native.h): a 16-column panel is one contiguous
+// Panel-major weights (kF32Panel / kBF16Panel / kInt8Panel, er_native.h): a 16-column panel is one contiguous
 // K x 16 stream, so a thread reads NP sequential streams whatever M is (the [K, N] layout above makes it
 // read kKR row segments per column block, which at M >= 3 left the f32 kernels latency-bound at 3-4 GB/s).
 // A tile keeps MR rows x NP panels of accumulators in registers over a k block of kPanelKC rows (16 KiB of
 // f32 panel: L1-resident for the M tiles after the first) and adds them into the scratch [M, c1 - c0]. The
-// first M tile of a k block prefetches the same rows of the next NP panels.
+// first M tile of a k block prefetches the same rows of the next NP panels. int8 weights are converted in
+// registers (by every M tile: the conversion is 2 instructions per W weights against MR FMAs); their scale
+// is applied in finalize().
 constexpr int64_t kPanelKC = 256;
 
 template <int FMT, int MR, int NP, bool PF>
 static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t j0, const float* x, float* sc,
                               int64_t ss) {
-  constexpr int WF = FMT == kF32Panel ? kF32 : kBF16;
+  constexpr int WF = FMT == kF32Panel ? kF32 : FMT == kBF16Panel ? kBF16 : kInt8;
   constexpr int NV = kPanelCols / V::W, U = NP * NV;
-  constexpr int64_t esize = WF == kF32 ? 4 : 2;
+  constexpr int64_t esize = WF == kF32 ? 4 : WF == kBF16 ? 2 : 1, line_rows = 64 / (kPanelCols * esize);
   typename V::F acc[MR][U];
   for (int m = 0; m < MR; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
@@ -307,7 +309,7 @@ static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t 
     for (int q = 0; q < NP; ++q)
       for (int v = 0; v < NV; ++v) w[q * NV + v] = load_w<WF>(p.w, base + q * stride + k * kPanelCols + v * V::W);
     if constexpr (PF) {
-      if (esize == 4 || (k & 1) == 0)  // one prefetch per 64-byte line
+      if (k % line_rows == 0)  // one prefetch per 64-byte line
         for (int q = 0; q < NP; ++q)
           __builtin_prefetch(static_cast<const char*>(p.w) + (base + (q + NP) * stride + k * kPanelCols) * esize);
     }
@@ -371,6 +373,7 @@ static void run_block(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int6
     case kInt4: run_m<kInt4>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kF32Panel: run_panels<kF32Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kBF16Panel: run_panels<kBF16Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
+    case kInt8Panel: run_panels<kInt8Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
     default: break;
   }
 }

@@ -83,6 +83,7 @@ class SpecRollout:
                              kv_budget_bytes=kv_budget_bytes, forced_acceptance=forced_acceptance)
         self.weights = None
         self.drafter = None
+        self.drafter_bytes = 0
         self.derive_seconds: list[float] = []  # per update_params: the drafter's derivation (and its layout)
         self.layout_seconds: list[float] = []  # per update_params: the target's execution layout (e.g. packing)
         self.update_params(weights)
@@ -122,6 +123,8 @@ class SpecRollout:
         if self.speculates:
             t0 = time.perf_counter()
             drafter = derive_drafter(weights, self.drafter_scheme, head=self.drafter_head)
+            # what the drafter adds on top of the target: its quantized projections (and its int8 LM head)
+            self.drafter_bytes = projection_bytes(drafter) + head_bytes(drafter)
             if self.mesh is not None:
                 drafter = sharding.shard_weights(drafter, self.mesh)
             self.drafter = jax.block_until_ready(execution_layout(drafter, self.ex, self.weights.get("lm_head_p")))
@@ -200,11 +203,6 @@ class SpecRollout:
         return np.asarray(self._logps(self.weights, seq, jnp.asarray(c), p.shape[1], sc))
 
     # -- sizes, compile cache --------------------------------------------------------------------------
-    @property
-    def drafter_bytes(self) -> int:
-        """Bytes the drafter adds on top of the target: its quantized projections (and its int8 LM head)."""
-        return projection_bytes(self.drafter) + head_bytes(self.drafter) if self.drafter is not None else 0
-
     @property
     def kv_cache_bytes(self) -> int:
         return self.engine.kv_bytes

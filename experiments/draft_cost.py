@@ -40,7 +40,7 @@ def main():
     from er_jax.cache import KVCache, init_cache
     from er_jax.config import SamplingConfig
     from er_jax.execution import Execution
-    from er_jax.model import unstack_layers
+    from er_jax.model import execution_layout
     from er_jax.quant import derive_drafter
     from er_jax.speculative import draft
 
@@ -48,8 +48,8 @@ def main():
     cfg, dt, sc = m.config, m.config.jnp_dtype, SamplingConfig(1.0)
     ex = Execution(args.kernels, None, "unstacked")
     spec = E.StepSpec(cfg, sc, cfg.eos_ids, ex)
-    weights = unstack_layers(m.weights)
-    drafters = {f"{s}_{h}head": unstack_layers(derive_drafter(m.weights, s, head=h))
+    weights = execution_layout(m.weights, ex)  # what SpecRollout runs (the native backend: panel-major)
+    drafters = {f"{s}_{h}head": execution_layout(derive_drafter(m.weights, s, head=h), ex, weights.get("lm_head_p"))
                 for s in ("int8", "int4") for h in ("shared", "int8")}
     ar = jax.jit(functools.partial(E.ar_step, spec))
     dj = jax.jit(lambda d, c, last, k: draft(cfg, d, c, last, sc, k, 1, ex)[1])

@@ -59,7 +59,7 @@ def main():
     from er_jax.cache import KVCache, init_cache
     from er_jax.config import SamplingConfig
     from er_jax.execution import Execution
-    from er_jax.model import _layer, linear, logits_from_hidden, unstack_layers
+    from er_jax.model import _layer, execution_layout, linear, logits_from_hidden
     from er_jax.quant import derive_drafter
     from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
     from er_jax.speculative import draft
@@ -68,14 +68,13 @@ def main():
     cfg = m.config
     dt = cfg.jnp_dtype
     sc = SamplingConfig(1.0)
-    weights = unstack_layers(m.weights)
-    drafters = {}
+    derived = {}
     import inspect
     heads = ["shared"] + (["int8"] if "head" in inspect.signature(derive_drafter).parameters else [])
     for scheme in ("int8", "int4"):
         for head in heads:
             kw = {"head": head} if head != "shared" else {}
-            drafters[f"{scheme}_{head}head"] = unstack_layers(derive_drafter(m.weights, scheme, **kw))
+            derived[f"{scheme}_{head}head"] = derive_drafter(m.weights, scheme, **kw)
     max_len = args.context + 32
     results = {"machine": machine(), "model": f"smollm2 ({args.dtype})", "context": args.context,
                "reps": args.reps, "rows": []}
@@ -90,6 +89,8 @@ def main():
     for backend in args.backends:
         ex = Execution(backend, None, "unstacked")
         spec = E.StepSpec(cfg, sc, cfg.eos_ids, ex)
+        weights = execution_layout(m.weights, ex)  # what SpecRollout runs on this backend
+        drafters = {n: execution_layout(d, ex, weights.get("lm_head_p")) for n, d in derived.items()}
         for b in args.batches:
             cache = init_cache(cfg, b, max_len)
             key = jax.random.key(0)

@@ -1,6 +1,8 @@
 """Native CPU matmuls through the XLA FFI (C++ sources in csrc/, design and numbers in docs/native.md).
 
-- `matmul(x, w)`: x [..., K] @ w [K, N], x and w float32 or bfloat16, f32 accumulation, result in x.dtype.
+- `matmul(x, w)`: x [..., K] @ w [K, N], x and w float32 or bfloat16, f32 accumulation, result in x.dtype;
+  w may be an `er_jax.panels.PanelArray` (f32 / bf16 / int8 per-channel in panel-major layout, what
+  `model.execution_layout` gives this backend), which runs native at every M.
 - `quant_matmul(x, qa)`: x [..., K] @ an `er_jax.quant.QuantArray` [K, N] ("int8" per-channel or "int4"
   group-128 asymmetric), read in its own layout (docs/internals.md), f32 / bf16 activations.
 
@@ -48,9 +50,8 @@ AUTO_MAX_M = {"dense": 32, "quant": 64}
 # ours runs 13-19 (docs/cpu_profile.md, "Night"). bf16 / quantized weights stay native at every M.
 XLA_F32_BELOW_M = 2
 
-_TARGETS = ("er_jax_native_dense", "er_jax_native_panel", "er_jax_native_int8", "er_jax_native_int4",
-            "er_jax_native_attention",
-            "er_jax_native_sample", "er_jax_native_kv_write")
+_TARGETS = ("er_jax_native_dense", "er_jax_native_panel", "er_jax_native_panel_int8", "er_jax_native_int8",
+            "er_jax_native_int4", "er_jax_native_attention", "er_jax_native_sample", "er_jax_native_kv_write")
 _state: dict | None = None
 
 
@@ -177,19 +178,28 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | N
 
 
 def _panel_matmul(x, pa: PanelArray, isa, threads):
-    """`matmul` with panel-major weights: native for every M (products of more than MAX_M rows run in
-    MAX_M-row pieces, each reading the weights once), the reference only where the kernels cannot run."""
-    p, k, c = pa.data.shape
-    if pa.data.ndim != 3 or c != PANEL or jnp.dtype(pa.dtype) not in _NATIVE_DTYPES:
-        raise ValueError(f"matmul: PanelArray data must be float32 / bfloat16 [N/{PANEL}, K, {PANEL}], got "
-                         f"{pa.dtype} {tuple(pa.data.shape)}")
-    _check_x(x, k, "matmul")
+    """`matmul` with panel-major weights (f32 / bf16, or int8 codes with a per-column scale): native for
+    every M (products of more than MAX_M rows run in MAX_M-row pieces, each reading the weights once), the
+    reference only where the kernels cannot run."""
+    d = pa.data
+    int8 = jnp.dtype(d.dtype) == jnp.dtype(jnp.int8)
+    if d.ndim != 3 or d.shape[2] != PANEL or not (int8 or jnp.dtype(d.dtype) in _NATIVE_DTYPES):
+        raise ValueError(f"matmul: PanelArray data must be float32 / bfloat16 / int8 [N/{PANEL}, K, {PANEL}], "
+                         f"got {d.dtype} {tuple(d.shape)}")
+    p, k, c = d.shape
     m, n = math.prod(x.shape[:-1]), p * c
+    want_scale = (1, n) if int8 else None
+    got_scale = None if pa.scale is None else tuple(pa.scale.shape)
+    if got_scale != want_scale or (int8 and jnp.dtype(pa.scale.dtype) != jnp.dtype(jnp.float32)):
+        raise ValueError(f"matmul: a PanelArray of {d.dtype} data needs scale {'float32 ' if int8 else ''}"
+                         f"{want_scale}, got {got_scale}")
+    _check_x(x, k, "matmul")
     if not (jnp.dtype(x.dtype) in _NATIVE_DTYPES and m > 0 and available() and platform() == "cpu"):
         return matmul_reference(x, pa)
     code, x2 = _isa_code(isa), x.reshape(m, k)
-    run = lambda xs: jax.ffi.ffi_call("er_jax_native_panel", jax.ShapeDtypeStruct((xs.shape[0], n), x.dtype),
-                                      vmap_method="expand_dims")(xs, pa.data, isa=np.int32(code),
+    target, operands = ("er_jax_native_panel_int8", (d, pa.scale)) if int8 else ("er_jax_native_panel", (d,))
+    run = lambda xs: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((xs.shape[0], n), x.dtype),
+                                      vmap_method="expand_dims")(xs, *operands, isa=np.int32(code),
                                                                  threads=np.int32(threads or 0))
     y = run(x2) if m <= MAX_M else jnp.concatenate([run(x2[i:i + MAX_M]) for i in range(0, m, MAX_M)])
     return y.reshape(*x.shape[:-1], n)

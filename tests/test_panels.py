@@ -10,10 +10,10 @@ import pytest
 
 from er_jax.execution import Execution
 from er_jax.kernels import native
-from er_jax.kernels.quant_matmul import matmul_reference
+from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.model import execution_layout, forward
 from er_jax.panels import PANEL, PanelArray, can_pack, pack, pack_weights, unpack
-from er_jax.quant import QuantArray, derive_drafter
+from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
 from er_jax.cache import init_cache
 from tests.helpers import tiny_model
 from tests.test_native import _abs_weights, _check, _data, _isas, needs_native
@@ -33,6 +33,15 @@ def test_pack_round_trip_and_layout():
     np.testing.assert_array_equal(np.asarray(unpack(pa)), np.asarray(w))
     wb = w.astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(unpack(pack(wb))), np.asarray(wb))
+
+
+def test_pack_int8_holds_the_quantized_weight():
+    qa = quantize_int8(jnp.asarray(_data(1, 40, 48, seed=1)[1]))
+    pa = pack(qa)
+    assert pa.data.dtype == jnp.int8 and pa.scale is qa.scale and pa.shape == (40, 48) and pa.dtype == jnp.float32
+    assert pa.nbytes == qa.nbytes
+    np.testing.assert_array_equal(np.asarray(unpack(pa)), np.asarray(dequantize(qa, jnp.float32)))
+    assert not can_pack(quantize_int4(jnp.ones((128, 32))))  # int4 keeps its own layout
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 24), np.float32), np.zeros((4, 32), np.int8), np.zeros((2, 4, 32)),
@@ -68,6 +77,22 @@ def test_panel_matmul_every_isa(k, n, wdt, xdt):
 
 
 @needs_native
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("xdt", ["float32", "bfloat16"])
+def test_panel_int8_matmul_every_isa(k, n, xdt):
+    qa = quantize_int8(jnp.asarray(_data(1, k, n, seed=k + 1)[1]))
+    pa = pack(qa)
+    xs = [jnp.asarray(_data(m, k, 1, seed=50 + m)[0], xdt) for m in MS]
+    refs = jax.jit(lambda xs, qa: [quant_matmul_reference(x, qa) for x in xs])(xs, qa)
+    w_abs = _abs_weights(qa)
+    for isa in _isas():
+        ys = jax.jit(lambda xs, pa: [native.matmul(x, pa, isa=isa) for x in xs])(xs, pa)
+        for x, y, ref in zip(xs, ys, refs):
+            assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
+            _check(y, ref, x, w_abs, extra_ops=2)  # the scale: one more rounding
+
+
+@needs_native
 def test_panel_matmul_exact_on_integer_data():
     """Exact sums: every ISA, every M tile and the >MAX_M pieces equal numpy's product bit for bit, with
     leading dimensions and under vmap."""
@@ -81,6 +106,10 @@ def test_panel_matmul_exact_on_integer_data():
             np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa, isa=isa)), want)
         vm = jax.vmap(lambda xr: native.matmul(xr, pa))(jnp.asarray(x))
         np.testing.assert_array_equal(np.asarray(vm), want)
+    codes = rng.integers(-127, 128, (301, 208))
+    pa8 = pack(QuantArray(jnp.asarray(codes, jnp.int8), jnp.full((1, 208), 0.5), None, "int8", 301))
+    for isa in _isas():
+        np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa8, isa=isa)), x @ codes * 0.5)
 
 
 @needs_native
@@ -88,6 +117,10 @@ def test_panel_matmul_refuses_malformed_panels():
     x = jnp.ones((2, 8))
     with pytest.raises(ValueError, match="PanelArray data"):
         native.matmul(x, PanelArray(jnp.ones((2, 8, 8))))
+    with pytest.raises(ValueError, match="needs scale float32 \\(1, 16\\)"):
+        native.matmul(x, PanelArray(jnp.ones((1, 8, 16), jnp.int8)))
+    with pytest.raises(ValueError, match="needs scale None"):
+        native.matmul(x, PanelArray(jnp.ones((1, 8, 16)), jnp.ones((1, 16))))
     with pytest.raises(ValueError, match="last axis must be the weight's K = 8"):
         native.matmul(jnp.ones((2, 9)), pack(jnp.ones((8, 16))))
 
@@ -106,19 +139,28 @@ def test_execution_layout_packs_only_for_native():
     _, wt = tiny_model(tie_embeddings=True)
     np.testing.assert_array_equal(np.asarray(unpack(execution_layout(wt, native_ex)["lm_head_p"])),
                                   np.asarray(wt["embed"].T))
-    # a drafter sharing the target's head gets that packed head, not a second copy; its own int8 head stays
+    # a drafter sharing the target's head gets that packed head, not a second copy; int8 projections are
+    # packed, int4 ones keep their layout; a drafter's own int8 head is packed in place of lm_head_q
     d = execution_layout(derive_drafter(w, "int8"), native_ex, packed["lm_head_p"])
-    assert d["lm_head_p"] is packed["lm_head_p"] and isinstance(d["layers"][0]["wq"], QuantArray)
-    dq = execution_layout(derive_drafter(w, "int8", head="int8"), native_ex, packed["lm_head_p"])
-    assert "lm_head_p" not in dq
+    assert d["lm_head_p"] is packed["lm_head_p"]
+    assert isinstance(d["layers"][0]["wq"], PanelArray) and d["layers"][0]["wq"].scale is not None
+    d4 = execution_layout(derive_drafter(w, "int4"), native_ex, packed["lm_head_p"])
+    assert isinstance(d4["layers"][0]["wq"], QuantArray)
+    own = derive_drafter(w, "int8", head="int8")
+    dq = execution_layout(own, native_ex, packed["lm_head_p"])
+    assert "lm_head_q" not in dq and dq["lm_head_p"].scale is own["lm_head_q"].scale
     with pytest.raises(ValueError, match="unstacked"):
         pack_weights(w)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "xla"])
-def test_packed_forward_matches_the_stacked_reference(backend):
-    """Prefill and a cached decode step on the packed layout give the stacked XLA forward's logits."""
+@pytest.mark.parametrize("drafter", [False, True])
+def test_packed_forward_matches_the_stacked_reference(backend, drafter):
+    """Prefill and a cached decode step on the packed layout give the stacked XLA forward's logits (the
+    target, and an int8 drafter with its own int8 head)."""
     cfg, w = tiny_model()
+    if drafter:
+        w = derive_drafter(w, "int8", head="int8")
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, cfg.vocab_size)
     ex = Execution(backend, None, "unstacked")
     ref = forward(cfg, w, tokens)
