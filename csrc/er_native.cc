@@ -4,6 +4,7 @@
 //   er_jax_native_dense(x, w)                 -> y   x f32|bf16 [..., M, K], w f32|bf16 [..., K, N]
 //   er_jax_native_panel(x, w)                 -> y   w f32|bf16 [..., N/16, K, 16] (panel-major, er_native.h)
 //   er_jax_native_panel_int8(x, data, scale)  -> y   data int8 [..., N/16, K, 16], scale f32 [..., 1, N]
+//   er_jax_native_panel_int4(x, data, scale, zero) -> y   data uint8 [..., N/16, Kp/2, 16], scale / zero as int4's
 //   er_jax_native_int8(x, data, scale)        -> y   data int8 [..., K, N], scale f32 [..., 1, N]
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
@@ -137,12 +138,17 @@ bool self_check(const Kernels* kern) {
       if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * N) != 0) return false;
     }
   }
-  // Panel-major f32 / bf16 / int8: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
+  // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
   {
     const int64_t PK = 300, PN = 2 * kern->col_align + kPanelCols;
     std::vector<float> px(7 * PK), pf(PN * PK);
     std::vector<uint16_t> pb(PN * PK);
     std::vector<int8_t> pi(PN * PK);
+    const int64_t PR = 192;  // int4: 3 groups of 128 rows, 84 of them padding, as byte rows
+    std::vector<uint8_t> p4(PN * PR), z4(3 * PN);
+    std::vector<float> s4(3 * PN, 0.5f);
+    for (auto& b : p4) b = static_cast<uint8_t>(next() & 0xff);
+    for (auto& z : z4) z = static_cast<uint8_t>(next() % 16);
     for (auto& v : px) v = static_cast<float>(next() % 7 - 3);
     for (int64_t i = 0; i < PN * PK; ++i) {
       pf[i] = static_cast<float>(next() % 9 - 4);
@@ -151,7 +157,7 @@ bool self_check(const Kernels* kern) {
       pb[i] = static_cast<uint16_t>(u >> 16);
       pi[i] = static_cast<int8_t>(next() % 255 - 127);
     }
-    for (int fmt : {kF32Panel, kBF16Panel, kInt8Panel}) {
+    for (int fmt : {kF32Panel, kBF16Panel, kInt8Panel, kInt4Panel}) {
       for (int64_t m : {1, 2, 7}) {
         Problem p{};
         p.fmt = fmt;
@@ -162,7 +168,12 @@ bool self_check(const Kernels* kern) {
         p.xs = PK;
         p.w = fmt == kF32Panel ? static_cast<const void*>(pf.data())
               : fmt == kBF16Panel ? static_cast<const void*>(pb.data())
-                                  : static_cast<const void*>(pi.data());
+              : fmt == kInt8Panel ? static_cast<const void*>(pi.data())
+                                  : static_cast<const void*>(p4.data());
+        p.rows = fmt == kInt4Panel ? PR : PK;
+        p.scale = s4.data();
+        p.zero = z4.data();
+        p.group = 128;
         s0.assign(m * PN, 0.f);
         ref->run_block(p, 0, PK, 0, PN, s0.data(), false);
         const int64_t ca = kern->col_align;
@@ -495,7 +506,7 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     return;
   }
   // x as f32, row stride xs; zero padding up to an even K for int4 (the high nibble of the last byte).
-  const bool pad = p.fmt == kInt4 && (p.k & 1);
+  const bool pad = (p.fmt == kInt4 || p.fmt == kInt4Panel) && (p.k & 1);
   if (!x_bf16 && !pad) {
     p.x = static_cast<const float*>(x);
     p.xs = p.k;
@@ -594,12 +605,14 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   if ((fmt == kF32 || fmt == kF32Panel) && wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
     return invalid("dense weights must be float32 or bfloat16");
   if ((fmt == kInt8 || fmt == kInt8Panel) && wt != ffi::DataType::S8) return invalid("int8 weights must be int8");
-  if (fmt == kInt4 && wt != ffi::DataType::U8) return invalid("int4 weights must be uint8 (two codes per byte)");
+  if ((fmt == kInt4 || fmt == kInt4Panel) && wt != ffi::DataType::U8)
+    return invalid("int4 weights must be uint8 (two codes per byte)");
   if (scale && scale->element_type() != ffi::DataType::F32) return invalid("scale must be float32");
   if (zero && zero->element_type() != ffi::DataType::U8) return invalid("zero must be uint8");
   const bool bf16_w = wt == ffi::DataType::BF16;
   const int f = fmt == kF32 && bf16_w ? kBF16 : fmt == kF32Panel && bf16_w ? kBF16Panel : fmt;
-  const bool panels = fmt == kF32Panel || fmt == kInt8Panel;
+  const bool panels = fmt == kF32Panel || fmt == kInt8Panel || fmt == kInt4Panel;
+  const bool int4 = f == kInt4 || f == kInt4Panel;
 
   const auto xd = x.dimensions(), yd = y->dimensions();
   // Panels [..., N / 16, K, 16] are read as [..., N / 16, K] for the shape and broadcasting rules below.
@@ -615,7 +628,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   if (yd[yd.size() - 2] != M || yd[yd.size() - 1] != N)
     return invalid("output shape " + dims_str(yd) + " does not match x " + dims_str(xd) + " @ w " + dims_str(wd));
   int64_t group = 128, S = 0;
-  if (f == kInt4) {
+  if (int4) {
     if (!scale || !zero) return invalid("int4 needs scale and zero");
     S = scale->dimensions()[scale->dimensions().size() - 2];
     const int64_t Kp = 2 * R;
@@ -631,7 +644,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   for (const ffi::AnyBuffer* b : {scale, zero}) {
     if (!b) continue;
     const auto bd = b->dimensions();
-    if (bd.size() < 2 || bd[bd.size() - 1] != N || (f == kInt4 && bd[bd.size() - 2] != S))
+    if (bd.size() < 2 || bd[bd.size() - 1] != N || (int4 && bd[bd.size() - 2] != S))
       return invalid("scale / zero shape " + dims_str(bd) + " does not match the weight " + dims_str(wd));
   }
 
@@ -639,7 +652,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   const size_t lead = yd.size() - 2;
   std::vector<Operand> ops = {{"x", xd, M * K * (x_bf16 ? 2 : 4)},
                               {"w", wd, R * N * (f == kF32 || f == kF32Panel ? 4 : f == kBF16 || f == kBF16Panel ? 2 : 1)}};
-  if (scale) ops.push_back({"scale", scale->dimensions(), (f == kInt4 ? S : 1) * N * 4});
+  if (scale) ops.push_back({"scale", scale->dimensions(), (int4 ? S : 1) * N * 4});
   if (zero) ops.push_back({"zero", zero->dimensions(), S * N});
   std::vector<std::vector<int64_t>> strides(ops.size(), std::vector<int64_t>(lead, 0));
   bool weights_batched = false;
@@ -666,7 +679,8 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   p.fmt = f;
   p.k = K;
   p.n = N;
-  p.group = f == kInt4 ? group : 128;
+  p.group = int4 ? group : 128;
+  p.rows = R;
   const int64_t y_stride = M * N * (x_bf16 ? 2 : 4);
   bool x_full = true;  // x carries every leading dimension of the output
   for (size_t i = 0; i < lead; ++i) x_full = x_full && (yd[i] == 1 || strides[0][i] != 0);
@@ -709,6 +723,10 @@ ffi::Error panel_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
 ffi::Error panel_int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
                            ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
   return run_handler(tp, kInt8Panel, x, data, &scale, nullptr, y, isa, threads);
+}
+ffi::Error panel_int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
+                           ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
+  return run_handler(tp, kInt4Panel, x, data, &scale, &zero, y, isa, threads);
 }
 ffi::Error int8_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
                      ffi::Result<ffi::AnyBuffer> y, int32_t isa, int32_t threads) {
@@ -875,6 +893,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_panel, er_native::panel_impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_panel_int8, er_native::panel_int8_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_panel_int4, er_native::panel_int4_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

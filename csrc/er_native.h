@@ -8,11 +8,12 @@
 namespace er_native {
 
 enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
-enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3, kF32Panel = 4, kBF16Panel = 5, kInt8Panel = 6 };
+enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3, kF32Panel = 4, kBF16Panel = 5, kInt8Panel = 6,
+                         kInt4Panel = 7 };
 
-// Panel-major weights (er_jax.panels.PanelArray; f32, bf16, or int8 with a per-column scale [1, N]):
-// W [N / kPanelCols, K, kPanelCols], column kPanelCols * j + i of row k at [j, k, i]; N is a multiple of
-// kPanelCols.
+// Panel-major weights (er_jax.panels.PanelArray; f32, bf16, int8 with a per-column scale [1, N], or int4
+// bytes with scale / zero [Kp/G, N] as in the [Kp/2, N] layout): W [N / kPanelCols, R, kPanelCols] (R = K,
+// int4: Kp / 2 byte rows), column kPanelCols * j + i of row r at [j, r, i]; N is a multiple of kPanelCols.
 constexpr int64_t kPanelCols = 16;
 
 // One matmul y[M, N] = x[M, K] @ W[K, N]. x has been converted to f32 (row stride xs >= K, zero-padded
@@ -22,10 +23,11 @@ struct Problem {
   int64_t m, k, n;
   const float* x;
   int64_t xs;
-  const void* w;        // f32 | bf16 (uint16) | int8 [K, N]; int4: uint8 [Kp/2, N]; panels: [N/16, K, 16]
-  const float* scale;   // int8 (and int8 panels): [1, N]; int4: [Kp/G, N]
-  const uint8_t* zero;  // int4: [Kp/G, N]
+  const void* w;        // f32 | bf16 (uint16) | int8 [K, N]; int4: uint8 [Kp/2, N]; panels: [N/16, R, 16]
+  const float* scale;   // int8: [1, N]; int4: [Kp/G, N] (panels too)
+  const uint8_t* zero;  // int4: [Kp/G, N] (panels too)
   int64_t group;        // int4 group size G (even)
+  int64_t rows;         // panels: rows per panel (K; int4: Kp / 2 byte rows)
 };
 
 // The f32 partial sums of rows [k0, k1) of W for output columns [c0, c1) and all M rows, written to

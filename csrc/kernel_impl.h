@@ -284,8 +284,8 @@ static void run_m(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Panel-major weights (kF32Panel / kBF16Panel / kInt8Panel, er_native.h): a 16-column panel is one contiguous
-// K x 16 stream, so a thread reads NP sequential streams whatever M is (the [K, N] layout above makes it
+// Panel-major weights (kF32Panel / kBF16Panel / kInt8Panel, er_native.h; kInt4Panel below): a 16-column
+// panel is one contiguous K x 16 stream, so a thread reads NP sequential streams whatever M is (the [K, N] layout above makes it
 // read kKR row segments per column block, which at M >= 3 left the f32 kernels latency-bound at 3-4 GB/s).
 // A tile keeps MR rows x NP panels of accumulators in registers over a k block of kPanelKC rows (16 KiB of
 // f32 panel: L1-resident for the M tiles after the first) and adds them into the scratch [M, c1 - c0]. The
@@ -303,7 +303,7 @@ static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t 
   typename V::F acc[MR][U];
   for (int m = 0; m < MR; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
-  const int64_t stride = p.k * kPanelCols, base = j0 * stride;  // elements between panels; panel j0's start
+  const int64_t stride = p.rows * kPanelCols, base = j0 * stride;  // elements between panels; panel j0's start
   for (int64_t k = k0; k < k1; ++k) {
     typename V::F w[U];
     for (int q = 0; q < NP; ++q)
@@ -357,9 +357,83 @@ static void run_panels_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, 
   for (; j < j1; ++j) panel_group<FMT, MR, 1>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
 }
 
+// int4 panels: packed rows [r0, r1) of group g (one byte = rows 2r, 2r + 1 of a column, as tile_int4), the
+// group's partial sums times its scale added into the scratch; the zero point is subtracted per group after
+// all panels (int4_zero_correction, which reads scale / zero [Kp/G, N] as the [Kp/2, N] layout does).
+template <int MR, int NP, bool PF>
+static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t r0, int64_t r1, int64_t j0, const float* x,
+                                   float* sc, int64_t ss) {
+  constexpr int NV = kPanelCols / V::W, U = NP * NV;
+  const uint8_t* data = static_cast<const uint8_t*>(p.w);
+  typename V::F acc[MR][U];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
+  const int64_t stride = p.rows * kPanelCols, base = j0 * stride;  // bytes between panels; panel j0's start
+  for (int64_t r = r0; r < r1; ++r) {
+    typename V::F lo[U], hi[U];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < NV; ++v) V::load_u4(data + base + q * stride + r * kPanelCols + v * V::W, lo[q * NV + v], hi[q * NV + v]);
+    if constexpr (PF) {
+      if (r % 4 == 0)  // one prefetch per 64-byte line (4 byte rows)
+        for (int q = 0; q < NP; ++q) __builtin_prefetch(data + base + (q + NP) * stride + r * kPanelCols);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const typename V::F b0 = V::bcast(x[m * p.xs + 2 * r]), b1 = V::bcast(x[m * p.xs + 2 * r + 1]);
+      for (int u = 0; u < U; ++u) acc[m][u] = V::fma(b1, hi[u], V::fma(b0, lo[u], acc[m][u]));
+    }
+  }
+  const float* scale = p.scale + g * p.n + j0 * kPanelCols;
+  for (int u = 0; u < U; ++u) {
+    const typename V::F s = V::load(scale + u * V::W);
+    for (int m = 0; m < MR; ++m) {
+      float* d = sc + m * ss + u * V::W;
+      V::store(d, V::fma(acc[m][u], s, V::load(d)));
+    }
+  }
+}
+
+template <int R, int NP>
+static inline void panel_rem_int4(int64_t r, bool pf, const Problem& p, int64_t g, int64_t r0, int64_t r1, int64_t j0,
+                                  const float* x, float* sc, int64_t ss) {
+  if constexpr (R >= 1) {
+    if (r != R) return panel_rem_int4<R - 1, NP>(r, pf, p, g, r0, r1, j0, x, sc, ss);
+    if (pf) panel_tile_int4<R, NP, true>(p, g, r0, r1, j0, x, sc, ss);
+    else panel_tile_int4<R, NP, false>(p, g, r0, r1, j0, x, sc, ss);
+  }
+}
+
+template <int MR, int NP>
+static void panel_group_int4(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
+  const int64_t G = p.group;
+  for (int64_t g = k0 / G; g * G < k1; ++g) {
+    const int64_t r0 = g * G / 2, r1 = (imin((g + 1) * G, k1) + 1) / 2;  // the padding row's x is zero
+    int64_t m = 0;
+    for (; m + MR <= p.m; m += MR) {
+      if (m == 0) panel_tile_int4<MR, NP, true>(p, g, r0, r1, j0, p.x, sc, ss);
+      else panel_tile_int4<MR, NP, false>(p, g, r0, r1, j0, p.x + m * p.xs, sc + m * ss, ss);
+    }
+    if (m < p.m) panel_rem_int4<MR - 1, NP>(p.m - m, m == 0, p, g, r0, r1, j0, p.x + m * p.xs, sc + m * ss, ss);
+  }
+}
+
+template <int MR, int NP>
+static void run_panels_int4_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+  const int64_t cw = c1 - c0, j1 = c1 / kPanelCols;
+  int64_t j = c0 / kPanelCols;
+  for (; j + NP <= j1; j += NP) panel_group_int4<MR, NP>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+  for (; j < j1; ++j) panel_group_int4<MR, 1>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+  for (int64_t g = k0 / p.group; g * p.group < k1; ++g) int4_zero_correction(p, g, c0, c1, acc);
+}
+
 template <int FMT>
 static void run_panels(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, bool accumulate) {
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
+  if constexpr (FMT == kInt4Panel) {
+    if (p.m == 1) run_panels_int4_mr<1, kPNP1>(p, k0, k1, c0, c1, acc);
+    else if (p.m == 2) run_panels_int4_mr<2, kPNP2>(p, k0, k1, c0, c1, acc);
+    else run_panels_int4_mr<kPMRB, kPNPB>(p, k0, k1, c0, c1, acc);
+    return;
+  }
   if (p.m == 1) run_panels_mr<FMT, 1, kPNP1>(p, k0, k1, c0, c1, acc);
   else if (p.m == 2) run_panels_mr<FMT, 2, kPNP2>(p, k0, k1, c0, c1, acc);
   else run_panels_mr<FMT, kPMRB, kPNPB>(p, k0, k1, c0, c1, acc);
@@ -374,6 +448,7 @@ static void run_block(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int6
     case kF32Panel: run_panels<kF32Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kBF16Panel: run_panels<kBF16Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
     case kInt8Panel: run_panels<kInt8Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
+    case kInt4Panel: run_panels<kInt4Panel>(p, k0, k1, c0, c1, acc, accumulate); break;
     default: break;
   }
 }

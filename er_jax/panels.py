@@ -2,9 +2,10 @@
 
 `PanelArray.data` is [N / 16, K, 16]: column 16 j + i of row k sits at [j, k, i], so each 16-column panel
 is one contiguous K x 16 block that a kernel streams front to back (a [K, N] matrix makes it read many
-short row segments at once, which left the f32 kernels at 3-4 GB/s for M >= 3; docs/native.md). An int8
-PanelArray is an int8 per-channel `QuantArray` re-laid out: data int8 codes, `scale` f32 [1, N], weight =
-code * scale. The execution layout (`pack_weights`, run after every policy update by `SpecRollout` through
+short row segments at once, which left the f32 kernels at 3-4 GB/s for M >= 3; docs/native.md). A
+quantized PanelArray is a `QuantArray` re-laid out: int8 codes with `scale` f32 [1, N], or int4's bytes
+(two codes of one column per byte, [N / 16, Kp / 2, 16]) with its `scale` / `zero` [Kp / G, N] unchanged.
+The execution layout (`pack_weights`, run after every policy update by `SpecRollout` through
 `model.execution_layout`) derives it from the stacked contract; the reference (`unpack`) transposes back.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from er_jax.quant import QuantArray, drafter_head_matrix
+from er_jax.quant import QuantArray, dequantize, drafter_head_matrix
 from er_jax.weight_spec import PROJECTIONS
 
 PANEL = 16  # columns per panel (csrc/er_native.h: kPanelCols)
@@ -24,17 +25,23 @@ _DENSE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 class PanelArray:
     """A [K, N] weight in panel-major layout (one layer: no leading axes)."""
 
-    data: jax.Array  # f32 | bf16 | int8 codes [N / 16, K, 16]
-    scale: jax.Array | None = None  # int8 only: f32 [1, N]
+    data: jax.Array  # f32 | bf16 | int8 codes [N / 16, K, 16] | int4 bytes uint8 [N / 16, Kp / 2, 16]
+    in_features: int = struct.field(pytree_node=False)  # K
+    scale: jax.Array | None = None  # int8: f32 [1, N]; int4: f32 [Kp / G, N]
+    zero: jax.Array | None = None  # int4: uint8 [Kp / G, N]
+    group_size: int = struct.field(pytree_node=False, default=128)  # int4's G
+
+    @property
+    def scheme(self) -> str:
+        return "int4" if self.zero is not None else "int8" if self.scale is not None else "dense"
 
     @property
     def shape(self):
-        p, k, c = self.data.shape
-        return (k, p * c)
+        return (self.in_features, self.data.shape[0] * self.data.shape[2])
 
     @property
     def dtype(self):
-        """The weight's value dtype: the data's for f32 / bf16, f32 for int8 codes times a scale."""
+        """The weight's value dtype: the data's when dense, f32 for quantized codes times scales."""
         return self.data.dtype if self.scale is None else jnp.dtype(jnp.float32)
 
     @property
@@ -43,13 +50,14 @@ class PanelArray:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in (self.data, self.scale) if a is not None)
+        return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in (self.data, self.scale, self.zero)
+                   if a is not None)
 
 
 def can_pack(w) -> bool:
-    """A 2-D f32 / bf16 array or int8 QuantArray whose N is a positive whole number of panels."""
+    """A 2-D f32 / bf16 array or QuantArray whose N is a positive whole number of panels."""
     if isinstance(w, QuantArray):
-        return w.scheme == "int8" and w.data.ndim == 2 and w.data.shape[1] % PANEL == 0 and w.data.shape[1] > 0
+        return w.data.ndim == 2 and w.data.shape[1] % PANEL == 0 and w.data.shape[1] > 0
     return (hasattr(w, "ndim") and w.ndim == 2 and jnp.dtype(w.dtype) in _DENSE and w.shape[1] % PANEL == 0
             and w.shape[1] > 0 and w.shape[0] > 0)
 
@@ -60,30 +68,40 @@ def _panels(a):
 
 
 def pack(w) -> PanelArray:
-    """[K, N] (or an int8 QuantArray) -> PanelArray; ValueError unless `can_pack(w)`."""
+    """[K, N] (or a 2-D QuantArray) -> PanelArray; ValueError unless `can_pack(w)`."""
     if not can_pack(w):
         got = f"{getattr(w, 'dtype', type(w).__name__)} {getattr(w, 'shape', None)}"
-        raise ValueError(f"pack: need a 2-D float32 / bfloat16 [K, N] array or int8 QuantArray with N a positive "
+        raise ValueError(f"pack: need a 2-D float32 / bfloat16 [K, N] array or QuantArray with N a positive "
                          f"multiple of {PANEL}; got {got}")
     if isinstance(w, QuantArray):
-        return PanelArray(_panels(w.data), w.scale)
-    return PanelArray(_panels(w))
+        return PanelArray(_panels(w.data), w.in_features, w.scale, w.zero, w.group_size)
+    return PanelArray(_panels(w), w.shape[0])
+
+
+def _rows(a):  # [N / 16, R, 16] -> [R, N]
+    p, r, c = a.shape
+    return jnp.transpose(a, (1, 0, 2)).reshape(r, p * c)
+
+
+def as_quant(pa: PanelArray) -> QuantArray:
+    """A quantized PanelArray in QuantArray's own layout (what er_jax.quant's references read)."""
+    if pa.scale is None:
+        raise ValueError("as_quant: a dense PanelArray holds no QuantArray (use unpack)")
+    return QuantArray(_rows(pa.data), pa.scale, pa.zero, pa.scheme, pa.in_features, pa.group_size)
 
 
 def unpack(pa: PanelArray):
-    """The [K, N] weight a PanelArray holds (the reference layout): the dense array, or int8's codes x scale
-    in f32."""
-    p, k, c = pa.data.shape
-    w = jnp.transpose(pa.data, (1, 0, 2)).reshape(k, p * c)
-    return w if pa.scale is None else w.astype(jnp.float32) * pa.scale
+    """The [K, N] weight a PanelArray holds (the reference layout): the dense array, or the quantized one
+    dequantized to f32."""
+    return _rows(pa.data) if pa.scale is None else dequantize(as_quant(pa), jnp.float32)
 
 
 def pack_weights(weights, head: PanelArray | None = None):
     """The native backend's execution layout of unstacked weights (`model.unstack_layers`): every projection
-    that `can_pack` (dense, or an int8 QuantArray) becomes a PanelArray, and so does the LM head, as
-    `lm_head_p`: a drafter's own int8 head (`lm_head_q`, which it replaces), else `head` when given (a drafter
-    sharing the target's packed head), else the tied embedding or `lm_head`. Everything else (norms, biases,
-    the embedding gather, int4 QuantArrays) is left as it is."""
+    that `can_pack` (dense, int8 or int4) becomes a PanelArray, and so does the LM head, as `lm_head_p`: a
+    drafter's own quantized head (`lm_head_q`, which it replaces), else `head` when given (a drafter sharing
+    the target's packed head), else the tied embedding or `lm_head`. Everything else (norms, biases, the
+    embedding gather) is left as it is."""
     layers = weights["layers"]
     if not isinstance(layers, (list, tuple)):
         raise ValueError("pack_weights: expects the unstacked layout (model.unstack_layers) of the weights")

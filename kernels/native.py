@@ -50,8 +50,9 @@ AUTO_MAX_M = {"dense": 32, "quant": 64}
 # ours runs 13-19 (docs/cpu_profile.md, "Night"). bf16 / quantized weights stay native at every M.
 XLA_F32_BELOW_M = 2
 
-_TARGETS = ("er_jax_native_dense", "er_jax_native_panel", "er_jax_native_panel_int8", "er_jax_native_int8",
-            "er_jax_native_int4", "er_jax_native_attention", "er_jax_native_sample", "er_jax_native_kv_write")
+_TARGETS = ("er_jax_native_dense", "er_jax_native_panel", "er_jax_native_panel_int8", "er_jax_native_panel_int4",
+            "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention", "er_jax_native_sample",
+            "er_jax_native_kv_write")
 _state: dict | None = None
 
 
@@ -178,26 +179,33 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | N
 
 
 def _panel_matmul(x, pa: PanelArray, isa, threads):
-    """`matmul` with panel-major weights (f32 / bf16, or int8 codes with a per-column scale): native for
-    every M (products of more than MAX_M rows run in MAX_M-row pieces, each reading the weights once), the
-    reference only where the kernels cannot run."""
-    d = pa.data
-    int8 = jnp.dtype(d.dtype) == jnp.dtype(jnp.int8)
-    if d.ndim != 3 or d.shape[2] != PANEL or not (int8 or jnp.dtype(d.dtype) in _NATIVE_DTYPES):
-        raise ValueError(f"matmul: PanelArray data must be float32 / bfloat16 / int8 [N/{PANEL}, K, {PANEL}], "
-                         f"got {d.dtype} {tuple(d.shape)}")
-    p, k, c = d.shape
-    m, n = math.prod(x.shape[:-1]), p * c
-    want_scale = (1, n) if int8 else None
-    got_scale = None if pa.scale is None else tuple(pa.scale.shape)
-    if got_scale != want_scale or (int8 and jnp.dtype(pa.scale.dtype) != jnp.dtype(jnp.float32)):
-        raise ValueError(f"matmul: a PanelArray of {d.dtype} data needs scale {'float32 ' if int8 else ''}"
-                         f"{want_scale}, got {got_scale}")
+    """`matmul` with panel-major weights (dense f32 / bf16, or int8 / int4 in QuantArray's schemes): native
+    for every M (products of more than MAX_M rows run in MAX_M-row pieces, each reading the weights once),
+    the reference only where the kernels cannot run."""
+    d, scheme, k = pa.data, pa.scheme, pa.in_features
+    if d.ndim != 3 or d.shape[2] != PANEL:
+        raise ValueError(f"matmul: PanelArray data must be [N/{PANEL}, rows, {PANEL}], got {tuple(d.shape)}")
+    n = d.shape[0] * PANEL
+    groups = -(-k // pa.group_size)
+    want = {"dense": {"data": (d.dtype, (d.shape[0], k, PANEL)) if jnp.dtype(d.dtype) in _NATIVE_DTYPES else None},
+            "int8": {"data": (jnp.int8, (d.shape[0], k, PANEL)), "scale": (jnp.float32, (1, n))},
+            "int4": {"data": (jnp.uint8, (d.shape[0], groups * pa.group_size // 2, PANEL)),
+                     "scale": (jnp.float32, (groups, n)), "zero": (jnp.uint8, (groups, n))}}[scheme]
+    if scheme == "int4" and (pa.group_size < 2 or pa.group_size % 2):
+        raise ValueError(f"matmul: int4 group_size must be even, got {pa.group_size}")
+    for field, spec in want.items():
+        a = getattr(pa, field)
+        if spec is None or jnp.dtype(a.dtype) != jnp.dtype(spec[0]) or tuple(a.shape) != spec[1]:
+            expect = "float32 / bfloat16" if spec is None else f"{jnp.dtype(spec[0])} {spec[1]}"
+            raise ValueError(f"matmul: a {scheme} PanelArray's {field} must be {expect} for K={k}, N={n}; got "
+                             f"{a.dtype} {tuple(a.shape)}")
+    m = math.prod(x.shape[:-1])
     _check_x(x, k, "matmul")
     if not (jnp.dtype(x.dtype) in _NATIVE_DTYPES and m > 0 and available() and platform() == "cpu"):
         return matmul_reference(x, pa)
     code, x2 = _isa_code(isa), x.reshape(m, k)
-    target, operands = ("er_jax_native_panel_int8", (d, pa.scale)) if int8 else ("er_jax_native_panel", (d,))
+    target, operands = {"dense": ("er_jax_native_panel", (d,)), "int8": ("er_jax_native_panel_int8", (d, pa.scale)),
+                        "int4": ("er_jax_native_panel_int4", (d, pa.scale, pa.zero))}[scheme]
     run = lambda xs: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((xs.shape[0], n), x.dtype),
                                       vmap_method="expand_dims")(xs, *operands, isa=np.int32(code),
                                                                  threads=np.int32(threads or 0))

@@ -41,7 +41,11 @@ def test_pack_int8_holds_the_quantized_weight():
     assert pa.data.dtype == jnp.int8 and pa.scale is qa.scale and pa.shape == (40, 48) and pa.dtype == jnp.float32
     assert pa.nbytes == qa.nbytes
     np.testing.assert_array_equal(np.asarray(unpack(pa)), np.asarray(dequantize(qa, jnp.float32)))
-    assert not can_pack(quantize_int4(jnp.ones((128, 32))))  # int4 keeps its own layout
+    q4 = quantize_int4(jnp.asarray(_data(1, 301, 48, seed=2)[1]))  # 3 groups, 83 padding rows
+    p4 = pack(q4)
+    assert p4.scheme == "int4" and p4.data.shape == (3, 192, PANEL) and p4.shape == (301, 48)
+    assert p4.scale is q4.scale and p4.zero is q4.zero and p4.nbytes == q4.nbytes
+    np.testing.assert_array_equal(np.asarray(unpack(p4)), np.asarray(dequantize(q4, jnp.float32)))
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 24), np.float32), np.zeros((4, 32), np.int8), np.zeros((2, 4, 32)),
@@ -78,9 +82,10 @@ def test_panel_matmul_every_isa(k, n, wdt, xdt):
 
 @needs_native
 @pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("xdt", ["float32", "bfloat16"])
-def test_panel_int8_matmul_every_isa(k, n, xdt):
-    qa = quantize_int8(jnp.asarray(_data(1, k, n, seed=k + 1)[1]))
+def test_panel_quant_matmul_every_isa(k, n, scheme, xdt):
+    qa = (quantize_int8 if scheme == "int8" else quantize_int4)(jnp.asarray(_data(1, k, n, seed=k + 1)[1]))
     pa = pack(qa)
     xs = [jnp.asarray(_data(m, k, 1, seed=50 + m)[0], xdt) for m in MS]
     refs = jax.jit(lambda xs, qa: [quant_matmul_reference(x, qa) for x in xs])(xs, qa)
@@ -89,7 +94,8 @@ def test_panel_int8_matmul_every_isa(k, n, xdt):
         ys = jax.jit(lambda xs, pa: [native.matmul(x, pa, isa=isa) for x in xs])(xs, pa)
         for x, y, ref in zip(xs, ys, refs):
             assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
-            _check(y, ref, x, w_abs, extra_ops=2)  # the scale: one more rounding
+            # the scale (and int4's group sums and zero-point term): a few more roundings per group
+            _check(y, ref, x, w_abs, extra_ops=4 * (-(-k // 128)) + 4)
 
 
 @needs_native
@@ -108,19 +114,27 @@ def test_panel_matmul_exact_on_integer_data():
         np.testing.assert_array_equal(np.asarray(vm), want)
     codes = rng.integers(-127, 128, (301, 208))
     pa8 = pack(QuantArray(jnp.asarray(codes, jnp.int8), jnp.full((1, 208), 0.5), None, "int8", 301))
+    # int4: any bytes and zero points, power-of-two scales; the reference dequantizes (exact here)
+    q4 = QuantArray(jnp.asarray(rng.integers(0, 256, (192, 208)), jnp.uint8), jnp.full((3, 208), 0.5),
+                    jnp.asarray(rng.integers(0, 16, (3, 208)), jnp.uint8), "int4", 301)
+    want4 = x @ np.asarray(dequantize(q4, jnp.float32), np.float64)
     for isa in _isas():
         np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa8, isa=isa)), x @ codes * 0.5)
+        np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pack(q4), isa=isa)), want4)
 
 
 @needs_native
 def test_panel_matmul_refuses_malformed_panels():
     x = jnp.ones((2, 8))
-    with pytest.raises(ValueError, match="PanelArray data"):
-        native.matmul(x, PanelArray(jnp.ones((2, 8, 8))))
-    with pytest.raises(ValueError, match="needs scale float32 \\(1, 16\\)"):
-        native.matmul(x, PanelArray(jnp.ones((1, 8, 16), jnp.int8)))
-    with pytest.raises(ValueError, match="needs scale None"):
-        native.matmul(x, PanelArray(jnp.ones((1, 8, 16)), jnp.ones((1, 16))))
+    with pytest.raises(ValueError, match="PanelArray data must be"):
+        native.matmul(x, PanelArray(jnp.ones((2, 8, 8)), 8))
+    with pytest.raises(ValueError, match="dense PanelArray's data must be float32 / bfloat16"):
+        native.matmul(x, PanelArray(jnp.ones((1, 8, 16), jnp.int8), 8))
+    with pytest.raises(ValueError, match="int8 PanelArray's data must be int8"):
+        native.matmul(x, PanelArray(jnp.ones((1, 8, 16)), 8, jnp.ones((1, 16))))
+    with pytest.raises(ValueError, match="int4 PanelArray's zero must be uint8 \\(1, 16\\)"):
+        native.matmul(x, PanelArray(jnp.ones((1, 64, 16), jnp.uint8), 8, jnp.ones((1, 16)),
+                                    jnp.ones((2, 16), jnp.uint8)))
     with pytest.raises(ValueError, match="last axis must be the weight's K = 8"):
         native.matmul(jnp.ones((2, 9)), pack(jnp.ones((8, 16))))
 
@@ -139,13 +153,12 @@ def test_execution_layout_packs_only_for_native():
     _, wt = tiny_model(tie_embeddings=True)
     np.testing.assert_array_equal(np.asarray(unpack(execution_layout(wt, native_ex)["lm_head_p"])),
                                   np.asarray(wt["embed"].T))
-    # a drafter sharing the target's head gets that packed head, not a second copy; int8 projections are
-    # packed, int4 ones keep their layout; a drafter's own int8 head is packed in place of lm_head_q
-    d = execution_layout(derive_drafter(w, "int8"), native_ex, packed["lm_head_p"])
-    assert d["lm_head_p"] is packed["lm_head_p"]
-    assert isinstance(d["layers"][0]["wq"], PanelArray) and d["layers"][0]["wq"].scale is not None
-    d4 = execution_layout(derive_drafter(w, "int4"), native_ex, packed["lm_head_p"])
-    assert isinstance(d4["layers"][0]["wq"], QuantArray)
+    # a drafter sharing the target's head gets that packed head, not a second copy; its int8 / int4
+    # projections are packed; a drafter's own int8 head is packed in place of lm_head_q
+    for scheme in ("int8", "int4"):
+        d = execution_layout(derive_drafter(w, scheme), native_ex, packed["lm_head_p"])
+        assert d["lm_head_p"] is packed["lm_head_p"]
+        assert all(lw[n].scheme == scheme for lw in d["layers"] for n in ("wq", "w_down"))
     own = derive_drafter(w, "int8", head="int8")
     dq = execution_layout(own, native_ex, packed["lm_head_p"])
     assert "lm_head_q" not in dq and dq["lm_head_p"].scale is own["lm_head_q"].scale
@@ -154,13 +167,13 @@ def test_execution_layout_packs_only_for_native():
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "xla"])
-@pytest.mark.parametrize("drafter", [False, True])
+@pytest.mark.parametrize("drafter", [None, "int8", "int4"])
 def test_packed_forward_matches_the_stacked_reference(backend, drafter):
     """Prefill and a cached decode step on the packed layout give the stacked XLA forward's logits (the
-    target, and an int8 drafter with its own int8 head)."""
+    target, and int8 / int4 drafters with their own int8 head)."""
     cfg, w = tiny_model()
     if drafter:
-        w = derive_drafter(w, "int8", head="int8")
+        w = derive_drafter(w, drafter, head="int8")
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, cfg.vocab_size)
     ex = Execution(backend, None, "unstacked")
     ref = forward(cfg, w, tokens)
