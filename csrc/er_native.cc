@@ -650,8 +650,8 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
 
   // Leading (batch) dimensions, right-aligned against the output's.
   const size_t lead = yd.size() - 2;
-  std::vector<Operand> ops = {{"x", xd, M * K * (x_bf16 ? 2 : 4)},
-                              {"w", wd, R * N * (f == kF32 || f == kF32Panel ? 4 : f == kBF16 || f == kBF16Panel ? 2 : 1)}};
+  const int64_t wsize = f == kF32 || f == kF32Panel ? 4 : f == kBF16 || f == kBF16Panel ? 2 : 1;
+  std::vector<Operand> ops = {{"x", xd, M * K * (x_bf16 ? 2 : 4)}, {"w", wd, R * N * wsize}};
   if (scale) ops.push_back({"scale", scale->dimensions(), (int4 ? S : 1) * N * 4});
   if (zero) ops.push_back({"zero", zero->dimensions(), S * N});
   std::vector<std::vector<int64_t>> strides(ops.size(), std::vector<int64_t>(lead, 0));

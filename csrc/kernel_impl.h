@@ -285,8 +285,9 @@ static void run_m(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t 
 
 // ---------------------------------------------------------------------------------------------------
 // Panel-major weights (kF32Panel / kBF16Panel / kInt8Panel, er_native.h; kInt4Panel below): a 16-column
-// panel is one contiguous K x 16 stream, so a thread reads NP sequential streams whatever M is (the [K, N] layout above makes it
-// read kKR row segments per column block, which at M >= 3 left the f32 kernels latency-bound at 3-4 GB/s).
+// panel is one contiguous K x 16 stream, so a thread reads NP sequential streams whatever M is (the [K, N]
+// layout above makes it read kKR row segments per column block, which at M >= 3 left the f32 kernels
+// latency-bound at 3-4 GB/s; docs/native.md, "Panel-major weights").
 // A tile keeps MR rows x NP panels of accumulators in registers over a k block of kPanelKC rows (16 KiB of
 // f32 panel: L1-resident for the M tiles after the first) and adds them into the scratch [M, c1 - c0]. The
 // first M tile of a k block prefetches the same rows of the next NP panels. int8 weights are converted in
@@ -372,7 +373,8 @@ static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t r0, int6
   for (int64_t r = r0; r < r1; ++r) {
     typename V::F lo[U], hi[U];
     for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < NV; ++v) V::load_u4(data + base + q * stride + r * kPanelCols + v * V::W, lo[q * NV + v], hi[q * NV + v]);
+      for (int v = 0; v < NV; ++v)
+        V::load_u4(data + base + q * stride + r * kPanelCols + v * V::W, lo[q * NV + v], hi[q * NV + v]);
     if constexpr (PF) {
       if (r % 4 == 0)  // one prefetch per 64-byte line (4 byte rows)
         for (int q = 0; q < NP; ++q) __builtin_prefetch(data + base + (q + NP) * stride + r * kPanelCols);
