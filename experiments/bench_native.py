@@ -3,7 +3,7 @@
 For SmolLM2-135M (hidden 576, 9 / 3 heads of 64, MLP 1536, 30 layers) and Qwen2.5-1.5B (hidden 1536,
 12 / 2 heads of 128, MLP 8960): q/o, k/v, gate/up and down, M = 1 .. 64 rows. Systems: XLA f32 (jnp.dot
 of f32 weights), native f32, native bf16, native int8, native int4 (both in er_jax.quant.QuantArray's
-layout). Each timing is one jitted chain of matmuls over enough distinct weight copies that the working
+layout), and native f32 / int8 / int4 on panel-major weights (er_jax.panels: what SpecRollout runs). Each timing is one jitted chain of matmuls over enough distinct weight copies that the working
 set exceeds the 32 MiB L3 where it can (<= 16 copies, >= 64 MiB; `in_l3` flags the rest), each matmul depending on
 the previous one so none run concurrently; the per-matmul time is the chain's over its length. Systems
 alternate within each repeat (order rotated) and medians over repeats are reported. The "model step"
@@ -29,13 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, machine, read_bandwidth, write_json  # noqa: E402
 
 from er_jax.kernels import native  # noqa: E402
+from er_jax.panels import pack  # noqa: E402
 from er_jax.quant import quantize_int4, quantize_int8  # noqa: E402
 
 MODELS = {  # Qwen first: its MLP shapes carry the targets, and a run stopped early keeps them
     "qwen2.5-1.5b": {"hidden": 1536, "q": 1536, "kv": 256, "mlp": 8960, "layers": 28},
     "smollm2": {"hidden": 576, "q": 576, "kv": 192, "mlp": 1536, "layers": 30},
 }
-SYSTEMS = ("xla_f32", "native_f32", "native_bf16", "native_int8", "native_int4")
+SYSTEMS = ("xla_f32", "native_f32", "native_bf16", "native_int8", "native_int4", "panel_f32", "panel_int8", "panel_int4")
 MS = (1, 2, 4, 8, 16, 32, 64)
 L3_BYTES = 32 << 20
 
@@ -47,6 +48,8 @@ def shapes(model: str) -> dict:
 
 
 def make_weight(system: str, w):
+    if system.startswith("panel_"):
+        return pack(make_weight("native_" + system[len("panel_"):], w))
     if system in ("xla_f32", "native_f32"):
         return w
     if system == "native_bf16":
@@ -191,10 +194,10 @@ def summarize(res: dict) -> None:
     for case in summary:
         if case.startswith("qwen2.5-1.5b") and ("gate/up" in case or "down" in case):
             s = summary[case]
-            targets[case] = {"int8_speedup": s["native_int8"]["speedup_vs_xla_f32"], "int8_target": 3.0,
-                             "int4_speedup": s["native_int4"]["speedup_vs_xla_f32"], "int4_target": 4.5,
-                             "int8_fraction_bw": s["native_int8"]["fraction_of_read_bw"],
-                             "int4_fraction_bw": s["native_int4"]["fraction_of_read_bw"], "fraction_target": 0.7}
+            targets[case] = {f"{lay}_{q}_{what}": s[f"{lay}_{q}"][key] for lay in ("native", "panel")
+                             for q in ("int8", "int4") for what, key in (("speedup", "speedup_vs_xla_f32"),
+                                                                         ("fraction_bw", "fraction_of_read_bw"))}
+            targets[case].update(int8_target=3.0, int4_target=4.5, fraction_target=0.7)
     res["targets_m1_qwen_mlp"] = targets
 
 
@@ -202,6 +205,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, M in {1, 16}, 2 repeats; no files")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--ms", type=int, nargs="+", default=list(MS), help="rows of x (M) to time")
+    ap.add_argument("--out", default="bench_native_cpu", help="file stem under experiments/results/")
     ap.add_argument("--model-step", action="store_true",
                     help="also time SmolLM2's whole step (210 matmuls in one jit: slow to compile on CPU)")
     args = ap.parse_args(argv)
@@ -212,12 +218,12 @@ def main(argv=None):
            "env": {k: v for k, v in os.environ.items() if k.startswith(("ER_JAX_NATIVE", "XLA_FLAGS"))},
            "numpy": np.__version__, "reps": args.reps, "cases": {}}
     reps = 2 if args.quick else args.reps
-    ms = (1, 16) if args.quick else MS
+    ms = (1, 16) if args.quick else tuple(args.ms)
     t0 = time.time()
     res["read_bandwidth_gbs"] = read_bandwidth(1 << 29 if args.quick else 1 << 30) / 1e9
     print(f"read bandwidth (jax sum over 1 GiB): {res['read_bandwidth_gbs']:.2f} GB/s; load {os.getloadavg()}",
           flush=True)
-    for model in MODELS:
+    for model in args.models:
         for name, (k, n) in shapes(model).items():
             if args.quick and name not in ("gate/up", "down"):
                 continue
@@ -228,9 +234,9 @@ def main(argv=None):
             res["cases"][case] = bench_case([(k, n)], ms, reps, rng)
             if not args.quick:  # written after every case: a long run stopped early keeps what it measured
                 summarize(res)
-                write_json("bench_native_cpu.json", {**res, "partial": True, "loadavg_now": os.getloadavg(),
+                write_json(args.out + ".json", {**res, "partial": True, "loadavg_now": os.getloadavg(),
                                                      "wall_s": time.time() - t0})
-    if args.model_step and not args.quick:  # SmolLM2's whole decode step: 7 projections x 30 layers, one chain (no copies)
+    if args.model_step and not args.quick and "smollm2" in args.models:  # SmolLM2's whole decode step: 7 projections x 30 layers, one chain (no copies)
         c = MODELS["smollm2"]
         d, q, kv, f = c["hidden"], c["q"], c["kv"], c["mlp"]
         layer = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
@@ -242,12 +248,14 @@ def main(argv=None):
     summarize(res)
     targets = res["targets_m1_qwen_mlp"]
     for case, t in targets.items():
-        print(f"{case}: int8 x{t['int8_speedup']:.2f} (>= 3), int4 x{t['int4_speedup']:.2f} (>= 4.5) of XLA f32; "
-              f"{100 * t['int8_fraction_bw']:.0f}% / {100 * t['int4_fraction_bw']:.0f}% of read bandwidth (>= 70%)")
+        for lay in ("native", "panel"):
+            print(f"{case} {lay}: int8 x{t[lay + '_int8_speedup']:.2f} (>= 3), int4 x{t[lay + '_int4_speedup']:.2f} "
+                  f"(>= 4.5) of XLA f32; {100 * t[lay + '_int8_fraction_bw']:.0f}% / "
+                  f"{100 * t[lay + '_int4_fraction_bw']:.0f}% of read bandwidth (>= 70%)")
     print(f"load average start {res['loadavg_start']} end {res['loadavg_end']}; {res['wall_s']:.0f} s")
     if not args.quick:
-        path = write_json("bench_native_cpu.json", res)
-        plot(res, os.path.join(RESULTS, "bench_native_cpu.png"))
+        path = write_json(args.out + ".json", res)
+        plot(res, os.path.join(RESULTS, args.out + ".png"))
         print("wrote", path)
 
 

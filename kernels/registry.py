@@ -1,7 +1,8 @@
 """The per-op registry: (op, backend) -> implementation.
 
 Ops and their uniform signatures (`ex` is the step's `er_jax.execution.Execution`, passed down unchanged):
-- `matmul(x, w, *, ex, name)`: dense x [..., K] @ w [K, N], f32 accumulation, x.dtype out;
+- `matmul(x, w, *, ex, name)`: dense x [..., K] @ w [K, N] (an array, or an `er_jax.panels.PanelArray` where
+  `model.execution_layout` packed one for the native backend), f32 accumulation, x.dtype out;
 - `quant_matmul(x, qa, *, ex, name)`: the same with a QuantArray weight (`name`: which projection);
 - `attention(q, k, v, q_pos, *, ex, layer=None)`: causal GQA over the cache (stacked with `layer`);
 - `kv_write(k_all, v_all, k, v, positions, *, ex, layer)`: the stacked cache with one layer's new K/V
