@@ -160,9 +160,9 @@ def unstack_layers(weights):
 
 def execution_layout(weights, ex: Execution, head=None):
     """The weights as `ex` runs them: the stacked contract itself, or (`ex.layout == "unstacked"`, CPU) its
-    per-layer view, on the native backend with the dense projections and the LM head in panel-major layout
-    (er_jax.panels.pack_weights; `head`: a packed head to share, e.g. the target's for its drafter). Derive
-    it again after every weight update; the result is read-only."""
+    per-layer view, on the native backend with the projections (dense or quantized) and the LM head in
+    panel-major layout (er_jax.panels.pack_weights; `head`: a packed head to share, e.g. the target's for its
+    drafter). Derive it again after every weight update; the result is read-only."""
     if ex.layout != "unstacked":
         return weights
     weights = unstack_layers(weights)

@@ -1,4 +1,4 @@
-"""Panel-major weights: the native CPU backend's layout for the dense (f32 / bf16) and int8 matmuls.
+"""Panel-major weights: the native CPU backend's layout for its dense (f32 / bf16), int8 and int4 matmuls.
 
 `PanelArray.data` is [N / 16, K, 16]: column 16 j + i of row k sits at [j, k, i], so each 16-column panel
 is one contiguous K x 16 block that a kernel streams front to back (a [K, N] matrix makes it read many

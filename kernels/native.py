@@ -1,7 +1,7 @@
 """Native CPU matmuls through the XLA FFI (C++ sources in csrc/, design and numbers in docs/native.md).
 
 - `matmul(x, w)`: x [..., K] @ w [K, N], x and w float32 or bfloat16, f32 accumulation, result in x.dtype;
-  w may be an `er_jax.panels.PanelArray` (f32 / bf16 / int8 per-channel in panel-major layout, what
+  w may be an `er_jax.panels.PanelArray` (f32 / bf16, int8 or int4 in panel-major layout, what
   `model.execution_layout` gives this backend), which runs native at every M.
 - `quant_matmul(x, qa)`: x [..., K] @ an `er_jax.quant.QuantArray` [K, N] ("int8" per-channel or "int4"
   group-128 asymmetric), read in its own layout (docs/internals.md), f32 / bf16 activations.
