@@ -106,6 +106,22 @@ bool self_check(const Kernels* kern) {
   for (auto& b : wq) b = static_cast<uint8_t>(next() & 0xff);
   for (auto& z : zq) z = static_cast<uint8_t>(next() % 16);
   for (auto& s : scale) s = 0.5f;
+  // The portable kernels on the whole problem vs `kern` as the dispatcher splits work: two column blocks
+  // (the second at an aligned column), each as two row blocks at row G (the second accumulated onto the first).
+  auto agrees = [&](const Problem& p) {
+    const int64_t m = p.m, n = p.n, ca = kern->col_align;
+    s0.assign(m * n, 0.f);
+    s1.assign(m * n, 0.f);
+    ref->run_block(p, 0, p.k, 0, n, s0.data(), false);
+    std::vector<float> a(m * ca), b(m * (n - ca));
+    kern->run_block(p, 0, G, 0, ca, a.data(), false);
+    kern->run_block(p, G, p.k, 0, ca, a.data(), true);
+    kern->run_block(p, 0, G, ca, n, b.data(), false);
+    kern->run_block(p, G, p.k, ca, n, b.data(), true);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) s1[i * n + j] = j < ca ? a[i * ca + j] : b[i * (n - ca) + j - ca];
+    return std::memcmp(s0.data(), s1.data(), sizeof(float) * m * n) == 0;
+  };
   for (int fmt : {kF32, kBF16, kInt8, kInt4}) {
     for (int64_t m : {1, 2, 7}) {
       Problem p{};
@@ -122,20 +138,7 @@ bool self_check(const Kernels* kern) {
       p.scale = scale.data();
       p.zero = zq.data();
       p.group = G;
-      s0.assign(m * N, 0.f);
-      s1.assign(m * N, 0.f);
-      ref->run_block(p, 0, K, 0, N, s0.data(), false);
-      // as the dispatcher splits work: two column blocks (the second at an aligned column), each as two
-      // row blocks (the second accumulated onto the first)
-      const int64_t ca = kern->col_align;
-      std::vector<float> a(m * ca), b(m * (N - ca));
-      kern->run_block(p, 0, G, 0, ca, a.data(), false);
-      kern->run_block(p, G, K, 0, ca, a.data(), true);
-      kern->run_block(p, 0, G, ca, N, b.data(), false);
-      kern->run_block(p, G, K, ca, N, b.data(), true);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < N; ++j) s1[i * N + j] = j < ca ? a[i * ca + j] : b[i * (N - ca) + j - ca];
-      if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * N) != 0) return false;
+      if (!agrees(p)) return false;
     }
   }
   // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
@@ -173,18 +176,8 @@ bool self_check(const Kernels* kern) {
         p.rows = fmt == kInt4Panel ? PR : PK;
         p.scale = s4.data();
         p.zero = z4.data();
-        p.group = 128;
-        s0.assign(m * PN, 0.f);
-        ref->run_block(p, 0, PK, 0, PN, s0.data(), false);
-        const int64_t ca = kern->col_align;
-        std::vector<float> a(m * ca), b(m * (PN - ca));
-        kern->run_block(p, 0, 128, 0, ca, a.data(), false);
-        kern->run_block(p, 128, PK, 0, ca, a.data(), true);
-        kern->run_block(p, 0, PK, ca, PN, b.data(), false);
-        s1.assign(m * PN, 0.f);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < PN; ++j) s1[i * PN + j] = j < ca ? a[i * ca + j] : b[i * (PN - ca) + j - ca];
-        if (std::memcmp(s0.data(), s1.data(), sizeof(float) * m * PN) != 0) return false;
+        p.group = G;
+        if (!agrees(p)) return false;
       }
     }
   }
