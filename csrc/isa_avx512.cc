@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "er_native.h"
@@ -48,6 +49,9 @@ struct V {
   }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static float hmax(F v) { return _mm512_reduce_max_ps(v); }
+  static void hsum4(const F* x, float* out) {
+    for (int i = 0; i < 4; ++i) out[i] = hsum(x[i]);
+  }
 };
 
 // 32 zmm registers: M == 1: 1 x 8 vectors (128 columns); M == 2: 2 x 8; M >= 3: 6 x 4 (24 accumulators).

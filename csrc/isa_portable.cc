@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "er_native.h"
@@ -44,6 +45,9 @@ struct V {
   static F floor(F a) { for (int i = 0; i < W; ++i) a.v[i] = std::floor(a.v[i]); return a; }
   static F pow2i(F n) { for (int i = 0; i < W; ++i) n.v[i] = std::ldexp(1.f, static_cast<int>(n.v[i])); return n; }
   static float hsum(F a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.v[i]; return s; }
+  static void hsum4(const F* x, float* out) {
+    for (int i = 0; i < 4; ++i) out[i] = hsum(x[i]);
+  }
   static float hmax(F a) { float m = a.v[0]; for (int i = 1; i < W; ++i) m = a.v[i] > m ? a.v[i] : m; return m; }
 };
 

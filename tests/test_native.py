@@ -273,7 +273,7 @@ def test_env_var_forces_each_isa_and_rejects_unknown():
 # takes all KV heads of its batch row when there are at least 2 items per thread, else one: B = 1 with one
 # chunk always takes one head, and threads=1 makes every B >= 2 shape take all of them.
 ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 3, 64, 12), (2, 2, 70, 1, 7, 20, 40),
-               (2, 1, 50, 3, 3, 64, 1), (1, 6, 33, 2, 3, 20, 2))
+               (2, 1, 50, 3, 3, 64, 1), (1, 6, 33, 2, 3, 20, 2), (1, 3, 45, 2, 3, 128, 3))  # hd 64 / 128: unrolled
 
 
 @needs_native
@@ -300,6 +300,25 @@ def test_attention_every_isa(dt):
                 assert err < tol, (isa, threads, dt, (L, B, S, KV, G, hd, T), i, err)
         one = native.attention(q, k[0], v[0], pos)  # one layer's [B, S, KV, hd], no layer=
         assert float(jnp.max(jnp.abs(one.astype(jnp.float32) - refs[0].astype(jnp.float32)))) < tol
+
+
+@needs_native
+def test_attention_never_reads_past_a_rows_keys():
+    """Cache rows past a query's position may hold anything (NaN here): the kernel must not read them, on
+    any ISA, at hd = 64 (the unrolled kernels) and 20 (the run-time loop), for decode and verify rows."""
+    from er_jax.kernels.attention import attention_reference
+    rng = np.random.default_rng(11)
+    for (B, S, KV, G, hd, T) in ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8)):
+        k, v = (rng.normal(size=(1, B, S, KV, hd)).astype(np.float32) for _ in range(2))
+        pos = rng.integers(0, S - T, size=(B, 1)) + np.arange(T)[None, :]
+        q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), jnp.float32)
+        past = np.arange(S)[None, :] > pos.max(axis=1)[:, None]  # [B, S]: no query of the row sees these keys
+        ref = attention_reference(q, jnp.asarray(k[0]), jnp.asarray(v[0]), jnp.asarray(pos, jnp.int32))
+        k[:, past], v[:, past] = np.nan, np.nan
+        for isa in _isas():
+            got = native.attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos, jnp.int32), layer=0, isa=isa)
+            err = float(jnp.max(jnp.abs(got - ref)))
+            assert err < 2e-5, (isa, (B, S, KV, G, hd, T), err)
 
 
 # -- sampling -----------------------------------------------------------------------------------------
