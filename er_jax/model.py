@@ -62,7 +62,10 @@ def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution, stack
     b, t, _ = x.shape
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
     y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
-    q, k, v = (mm(y, n) for n in ("wq", "wk", "wv"))
+    if "wqkv" in lw:  # fused (er_jax.panels.FUSED): one matmul, columns q | k | v
+        q, k, v = jnp.split(linear(y, lw["wqkv"], ex, "wqkv"), [h * hd, (h + kvh) * hd], axis=-1)
+    else:
+        q, k, v = (mm(y, n) for n in ("wq", "wk", "wv"))
     if config.qkv_bias:
         q, k, v = q + lw["bq"].astype(q.dtype), k + lw["bk"].astype(k.dtype), v + lw["bv"].astype(v.dtype)
     q = rope(q.reshape(b, t, h, hd), positions, config.rope_theta)
@@ -72,7 +75,11 @@ def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution, stack
     o = ex.op("attention")(q, k_all, v_all, positions, ex=ex, layer=layer)
     x = x + mm(o.reshape(b, t, h * hd), "wo")
     y = rms_norm(x, lw["mlp_norm"], config.rms_norm_eps)
-    return x + mm(jax.nn.silu(mm(y, "w_gate")) * mm(y, "w_up"), "w_down")
+    if "w_gate_up" in lw:
+        gate, up = jnp.split(linear(y, lw["w_gate_up"], ex, "w_gate_up"), 2, axis=-1)
+    else:
+        gate, up = mm(y, "w_gate"), mm(y, "w_up")
+    return x + mm(jax.nn.silu(gate) * up, "w_down")
 
 
 def logits_from_hidden(config: ModelConfig, weights, x, ex: Execution = DEFAULT_EXECUTION):

@@ -96,16 +96,48 @@ def unpack(pa: PanelArray):
     return _rows(pa.data) if pa.scale is None else dequantize(as_quant(pa), jnp.float32)
 
 
+# Projections that read the same input, fused into one matmul (one FFI call and one pass over x instead of
+# three / two): the fused leaf's columns are its parts' in this order (model._layer splits them back).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def concat(parts) -> PanelArray:
+    """PanelArrays of one scheme, K (and group size) side by side: [K, N1 + N2 + ...]. Panels are whole
+    16-column blocks, so this is a concatenation of the panel axis (and of the scales' / zeros' columns)."""
+    first = parts[0]
+    if any(p.scheme != first.scheme or p.in_features != first.in_features or p.group_size != first.group_size
+           or p.data.dtype != first.data.dtype or p.data.shape[1] != first.data.shape[1] for p in parts):
+        raise ValueError("concat: the PanelArrays must share scheme, dtype, K and group size; got "
+                         + ", ".join(f"{p.scheme} {p.data.dtype} K={p.in_features} G={p.group_size}" for p in parts))
+    cat = lambda f: None if f(first) is None else jnp.concatenate([f(p) for p in parts], axis=-1)
+    return PanelArray(jnp.concatenate([p.data for p in parts], axis=0), first.in_features,
+                      cat(lambda p: p.scale), cat(lambda p: p.zero), first.group_size)
+
+
+def _fuse(lw: dict) -> dict:
+    """Replace each group of FUSED parts that packed alike by its fused PanelArray."""
+    out = dict(lw)
+    for fused, names in FUSED.items():
+        parts = [lw.get(n) for n in names]
+        if all(isinstance(p, PanelArray) for p in parts) and len({(p.scheme, p.data.dtype, p.data.shape[1],
+                                                                   p.group_size) for p in parts}) == 1:
+            out[fused] = concat(parts)
+            for n in names:
+                del out[n]
+    return out
+
+
 def pack_weights(weights, head: PanelArray | None = None):
     """The native backend's execution layout of unstacked weights (`model.unstack_layers`): every projection
-    that `can_pack` (dense, int8 or int4) becomes a PanelArray, and so does the LM head, as `lm_head_p`: a
-    drafter's own quantized head (`lm_head_q`, which it replaces), else `head` when given (a drafter sharing
-    the target's packed head), else the tied embedding or `lm_head`. Everything else (norms, biases, the
-    embedding gather) is left as it is."""
+    that `can_pack` (dense, int8 or int4) becomes a PanelArray, q / k / v and gate / up fused into one each
+    (`FUSED`), and the LM head becomes one too, as `lm_head_p`: a drafter's own quantized head (`lm_head_q`,
+    which it replaces), else `head` when given (a drafter sharing the target's packed head), else the tied
+    embedding or `lm_head`. Everything else (norms, biases, the embedding gather) is left as it is."""
     layers = weights["layers"]
     if not isinstance(layers, (list, tuple)):
         raise ValueError("pack_weights: expects the unstacked layout (model.unstack_layers) of the weights")
-    packed = tuple({n: pack(w) if n in PROJECTIONS and can_pack(w) else w for n, w in lw.items()} for lw in layers)
+    packed = tuple(_fuse({n: pack(w) if n in PROJECTIONS and can_pack(w) else w for n, w in lw.items()})
+                   for lw in layers)
     out = {**weights, "layers": packed}
     own = weights.get("lm_head_q")
     if own is not None:

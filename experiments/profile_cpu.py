@@ -128,13 +128,19 @@ def main():
                     x = _layer(cfg, lw, x, pos, kv_write, ex)
                 return x, k_all, v_all
 
-            def matmuls_fn(w, x):
+            def matmuls_fn(w, x):  # the layers' projections as the layout holds them (fused or not), chained
                 acc = x
+                qd, inter = cfg.num_heads * cfg.head_dim, cfg.intermediate_size
                 for lw in w["layers"]:
                     y = acc
-                    q, k, v = (linear(y, lw[n], ex, n) for n in ("wq", "wk", "wv"))
+                    qkv = [linear(y, lw[n], ex, n) for n in (["wqkv"] if "wqkv" in lw else ["wq", "wk", "wv"])]
+                    q = qkv[0][..., :qd] + 0 * sum(t.sum() for t in qkv)
                     o = linear(q, lw["wo"], ex, "wo")
-                    h = linear(o + 0 * (k.sum() + v.sum()), lw["w_gate"], ex, "w_gate") * linear(o, lw["w_up"], ex, "w_up")
+                    if "w_gate_up" in lw:
+                        gu = linear(o, lw["w_gate_up"], ex, "w_gate_up")
+                        h = gu[..., :inter] * gu[..., inter:]
+                    else:
+                        h = linear(o, lw["w_gate"], ex, "w_gate") * linear(o, lw["w_up"], ex, "w_up")
                     acc = acc + linear(h, lw["w_down"], ex, "w_down")
                 return acc
 
@@ -174,7 +180,7 @@ def main():
                 return out[0]
 
             record(backend, "layers (no head)", b, lambda: donated(lj, weights, x))
-            record(backend, "matmuls (7x30 only)", b, lambda: mj(weights, x))
+            record(backend, "matmuls (30 layers, projections)", b, lambda: mj(weights, x))
             record(backend, "attention (30 layers)", b, lambda: aj(cache.k, cache.v))
             record(backend, "kv_write (30 layers)", b, lambda: donated(kj))
             record(backend, "lm_head (shared f32)", b, lambda: hj(weights, x))

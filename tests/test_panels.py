@@ -11,8 +11,8 @@ import pytest
 from er_jax.execution import Execution
 from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
-from er_jax.model import execution_layout, forward
-from er_jax.panels import PANEL, PanelArray, can_pack, pack, pack_weights, unpack
+from er_jax.model import execution_layout, forward, unstack_layers
+from er_jax.panels import FUSED, PANEL, PanelArray, can_pack, concat, pack, pack_weights, unpack
 from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
 from er_jax.cache import init_cache
 from tests.helpers import tiny_model
@@ -146,7 +146,13 @@ def test_execution_layout_packs_only_for_native():
     plain = execution_layout(w, xla_ex)
     assert "lm_head_p" not in plain and not isinstance(plain["layers"][0]["wq"], PanelArray)
     packed = execution_layout(w, native_ex)
-    assert all(isinstance(lw[n], PanelArray) for lw in packed["layers"] for n in ("wq", "wk", "wo", "w_down"))
+    assert all(isinstance(lw[n], PanelArray) for lw in packed["layers"] for n in ("wqkv", "w_gate_up", "wo", "w_down"))
+    # q / k / v and gate / up are fused: the fused matrix is its parts side by side, and the parts are gone
+    for lw, lw0 in zip(packed["layers"], unstack_layers(w)["layers"]):
+        for fused, names in FUSED.items():
+            assert not any(n in lw for n in names)
+            np.testing.assert_array_equal(np.asarray(unpack(lw[fused])),
+                                          np.concatenate([np.asarray(lw0[n]) for n in names], axis=1))
     assert not isinstance(packed["layers"][0]["attn_norm"], PanelArray)
     head = w["embed"].T if cfg.tie_embeddings else w["lm_head"]
     np.testing.assert_array_equal(np.asarray(unpack(packed["lm_head_p"])), np.asarray(head))
@@ -158,12 +164,21 @@ def test_execution_layout_packs_only_for_native():
     for scheme in ("int8", "int4"):
         d = execution_layout(derive_drafter(w, scheme), native_ex, packed["lm_head_p"])
         assert d["lm_head_p"] is packed["lm_head_p"]
-        assert all(lw[n].scheme == scheme for lw in d["layers"] for n in ("wq", "w_down"))
+        assert all(lw[n].scheme == scheme for lw in d["layers"] for n in ("wqkv", "w_gate_up", "w_down"))
+        q = derive_drafter(w, scheme)["layers"]
+        for i, lw in enumerate(d["layers"]):  # scales (and int4 zeros) travel with their columns
+            parts = [jax.tree_util.tree_map(lambda a, i=i: a[i], q[n]) for n in FUSED["wqkv"]]
+            np.testing.assert_array_equal(np.asarray(unpack(lw["wqkv"])),
+                                          np.concatenate([np.asarray(unpack(pack(p))) for p in parts], axis=1))
     own = derive_drafter(w, "int8", head="int8")
     dq = execution_layout(own, native_ex, packed["lm_head_p"])
     assert "lm_head_q" not in dq and dq["lm_head_p"].scale is own["lm_head_q"].scale
     with pytest.raises(ValueError, match="unstacked"):
         pack_weights(w)
+    with pytest.raises(ValueError, match="share scheme, dtype, K and group size"):
+        concat([pack(jnp.ones((8, 16))), pack(jnp.ones((9, 16)))])
+    with pytest.raises(ValueError, match="share scheme"):
+        concat([pack(jnp.ones((8, 16))), pack(jnp.ones((8, 16), jnp.bfloat16))])
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "xla"])
