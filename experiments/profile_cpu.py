@@ -98,7 +98,7 @@ def main():
                             jax.random.normal(jax.random.fold_in(key, 1), cache.v.shape, dt) * 0.1,
                             jnp.full((b,), args.context, jnp.int32))
             width = 64
-            fresh = lambda: KVCache(cache.k.copy(), cache.v.copy(), cache.lengths)  # noqa: E731 (to donate)
+            fresh = lambda: KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy())  # noqa: E731 (to donate)
             st = E.DecodeState(cache=fresh(), last=jnp.ones(b, jnp.int32), n_gen=jnp.ones(b, jnp.int32),
                                done=jnp.zeros(b, bool), row=jnp.arange(b, dtype=jnp.int32),
                                keys=jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b)),
