@@ -3,6 +3,12 @@ import os
 
 import pytest
 
+# The accel-compile extra installs libtpu, which takes a machine-wide lockfile (/tmp/libtpu_lockfile) in the
+# first process that initializes it; a second xdist worker then fails to build compile-only TPU devices
+# ("Internal error when accessing libtpu multi-process lockfile"). The suite only compiles for TPU (it never
+# runs on one), so every worker may load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 # Most of the suite's time is XLA compiling small engine steps: jax's persistent compilation cache
 # (er_jax.xla_cache) keeps the executables between runs, so a second run of a lane compiles only what changed.
 # ER_JAX_TEST_XLA_CACHE picks the directory; "off" disables it.
