@@ -162,17 +162,30 @@ def sd_step(spec: StepSpec, gamma: int, weights, drafter, st: DecodeState):
     return _emit(spec, st, tokens, logps, n_acc + 1, cache), n_acc
 
 
-def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens):
-    """Feed padded prompts (int [B, P]) into an empty cache and sample each row's first token."""
-    cache = KVCache(st.cache.k, st.cache.v, jnp.zeros_like(prompt_lens))
-    logits, cache = forward(spec.config, weights, prompts, cache, logit_index=(prompt_lens - 1)[:, None],
+def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens, src):
+    """Feed the distinct padded prompts (int [U, P], lengths [U]) into a fresh P-position cache, copy prompt
+    `src[b]`'s entries into slot b of the state's cache (int [B]) and sample each slot's first token from its
+    prompt's last logits, with the slot's own key. Slots sharing a prompt (GRPO's G samples of it) cost one
+    prefill row between them. Padding slots (done from the start) get an empty cache row."""
+    fresh = init_cache(spec.config, prompts.shape[0], prompts.shape[1])
+    logits, fresh = forward(spec.config, weights, prompts, fresh, logit_index=(prompt_lens - 1)[:, None],
                             ex=spec.ex)
-    logits = logits[:, 0]
+    logits = jnp.take(logits[:, 0], src, axis=0)
+    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, jnp.take(part, src, axis=1), 0, axis=2)
+    k, v = put(st.cache.k, fresh.k), put(st.cache.v, fresh.v)
+    lens = jnp.where(st.done, 1, jnp.take(prompt_lens, src))
     tok = spec.ex.op("sample")(_step_keys(st), log_probs(logits, spec.sampling), ex=spec.ex,
                                greedy=spec.sampling.greedy)
     lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
-    st = dataclasses.replace(st, cache=KVCache(cache.k, cache.v, prefilled_lengths(prompt_lens)))
-    return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(prompt_lens), cache)
+    st = dataclasses.replace(st, cache=KVCache(k, v, prefilled_lengths(lens)))
+    return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(lens), st.cache)
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """The distinct prompts in first-seen order and, per row, the index of its prompt among them."""
+    index: dict[tuple[int, ...], int] = {}
+    src = np.array([index.setdefault(tuple(p), len(index)) for p in prompts], np.int32)
+    return [list(p) for p in index], src
 
 
 def compact(spec: StepSpec, st: DecodeState, slots):
@@ -236,8 +249,8 @@ class Engine:
     # -- compile cache -------------------------------------------------------------------------------
     def step(self, kind: str, spec: StepSpec, gamma: int, *args):
         """Run the jitted step `kind` (one of STEP_KINDS) on `args`; shapes (set by the buckets) and statics
-        pick its executable, compiled once. Arguments per kind: "prefill" (weights, state, prompts [B, P],
-        prompt lengths [B]) -> state; "ar" (weights, drafter (ignored), state) -> (state, accepted = 0);
+        pick its executable, compiled once. Arguments per kind: "prefill" (weights, state, distinct prompts
+        [U, P], their lengths [U], each slot's prompt [B]) -> state; "ar" (weights, drafter (ignored), state) -> (state, accepted = 0);
         "sd" (weights, drafter, state) -> (state, accepted drafts per row); "compact" (state, slots [B'])
         -> state. The state argument is donated (except for compact)."""
         if kind not in STEP_KINDS:
@@ -265,19 +278,23 @@ class Engine:
         return len(self._signatures)
 
     def warmup(self, weights, drafter, gammas, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-               prompt_lens=None) -> int:
-        """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket), a step per
-        (batch bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
+               prompt_lens=None, group_size: int = 1) -> int:
+        """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket) for rows that
+        come `group_size` to a prompt (GRPO's G; prefill runs once per distinct prompt), a step per (batch
+        bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
+        if int(group_size) < 1:
+            raise ValueError(f"group_size must be >= 1 (rows per distinct prompt), got {group_size}")
         before = self.compile_count
         spec = StepSpec(self.config, sampling, tuple(eos_ids), self.ex, self.forced_acceptance)
         buckets = [self.data_parallel << i for i in range(int(math.log2(self.max_batch // self.data_parallel)) + 1)]
         pbs = sorted({prompt_bucket(p) for p in (prompt_lens or [self.max_prompt_len])})
         for b in buckets:
             limit = np.full(b, self.max_new_tokens, np.int32)
+            u = batch_bucket(-(-b // int(group_size)), self.data_parallel)
             for pb in pbs:
                 st = self.initial_state(b, b, 0, limit, limit)
-                st = self.step("prefill", spec, 0, weights, st, self._put(jnp.zeros((b, pb), jnp.int32)),
-                                self._put(jnp.ones((b,), jnp.int32)))
+                st = self.step("prefill", spec, 0, weights, st, self._put(jnp.zeros((u, pb), jnp.int32)),
+                               self._put(jnp.ones((u,), jnp.int32)), self._put(jnp.zeros((b,), jnp.int32)))
             for g in gammas:
                 st, _ = self.step("ar" if g == 0 else "sd", spec, g, weights, drafter, st)
             for smaller in buckets[: buckets.index(b)]:
@@ -358,17 +375,20 @@ class Engine:
         return self._finish(st, n, pad_id, records, t0, controller_s)
 
     def _prefill(self, spec: StepSpec, weights, prompts, seed, max_new, min_new, pad_id) -> DecodeState:
-        """Pad the prompts into their (batch, prompt) bucket, prefill the cache, sample each row's first token.
-        Padding rows get a one-token prompt (`prefill_lengths`)."""
-        n = len(prompts)
-        bucket = batch_bucket(n, self.data_parallel)
-        plens = np.array([len(p) for p in prompts], np.int32)
-        padded = np.full((bucket, prompt_bucket(int(plens.max()))), pad_id, np.int32)
-        for i, p in enumerate(prompts):
+        """Pad the distinct prompts into their (batch, prompt) bucket, prefill them once each, give every row
+        its prompt's cache entries and sample each row's first token. Padding prompts are one token long
+        (`prefill_lengths`); padding slots point at prompt 0."""
+        bucket = batch_bucket(len(prompts), self.data_parallel)
+        distinct, src = distinct_prompts(prompts)
+        plens = np.array([len(p) for p in distinct], np.int32)
+        padded = np.full((batch_bucket(len(distinct), self.data_parallel), prompt_bucket(int(plens.max()))),
+                         pad_id, np.int32)
+        for i, p in enumerate(distinct):
             padded[i, : len(p)] = p
-        st = self.initial_state(n, bucket, seed, max_new, min_new)
+        st = self.initial_state(len(prompts), bucket, seed, max_new, min_new)
+        src = np.concatenate([src, np.zeros(bucket - len(prompts), np.int32)])
         return self.step("prefill", spec, 0, weights, st, self._put(jnp.asarray(padded)),
-                         self._put(jnp.asarray(prefill_lengths(plens, bucket))))
+                         self._put(jnp.asarray(prefill_lengths(plens, len(padded)))), self._put(jnp.asarray(src)))
 
     def _compact(self, spec: StepSpec, st: DecodeState, host: "_Host"):
         """When the live rows fit a smaller batch bucket, gather them into it: live slots first, then finished

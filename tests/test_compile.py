@@ -80,7 +80,7 @@ def trace_step(kind: str, model: str, backend: str, batch: int, prompt_bucket: i
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     if kind == "prefill":
         fn, args = jax.jit(functools.partial(E.prefill, spec), donate_argnums=(1,)), (
-            weights, state, i32(batch, prompt_bucket), i32(batch))
+            weights, state, i32(batch, prompt_bucket), i32(batch), i32(batch))
     elif kind == "ar":
         fn, args = jax.jit(functools.partial(E.ar_step, spec), donate_argnums=(1,)), (weights, state)
     elif kind == "sd":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from er_jax.config import SamplingConfig
-from er_jax.engine import Engine, batch_bucket, prompt_bucket
+from er_jax.engine import Engine, batch_bucket, distinct_prompts, prompt_bucket
 from er_jax.model import forward
 from er_jax.quant import derive_drafter
 from er_jax.sampling import reported_log_probs, token_logprob
@@ -89,6 +89,28 @@ def test_rows_do_not_depend_on_the_batch_they_sit_in(model):
     full = run(eng, w, d, PROMPTS, SamplingConfig(1.0), 0, seed=9)
     alone = run(eng, w, d, PROMPTS[:1], SamplingConfig(1.0), 0, seed=9)
     np.testing.assert_array_equal(full.tokens[0], alone.tokens[0])
+
+
+def test_rows_sharing_a_prompt_are_prefilled_once(model):
+    """GRPO's G samples of a prompt: prefill runs once per distinct prompt (the step's prompt batch is the
+    distinct prompts' bucket), each row gets its prompt's cache entries (the emitted log-probs equal a
+    teacher-forced recomputation of every row) and its own key (greedy rows of one prompt agree with the
+    prompt decoded alone)."""
+    cfg, w, d = model
+    a, b, c = PROMPTS[1], PROMPTS[3], PROMPTS[0]
+    prompts = [a, b, a, a, c, b]  # 6 rows (bucket 8, two padding slots), 3 distinct prompts (bucket 4)
+    distinct, src = distinct_prompts(prompts)
+    assert distinct == [a, b, c] and src.tolist() == [0, 1, 0, 0, 2, 1]
+    eng = Engine(cfg, max_batch=8, max_prompt_len=12, max_new_tokens=12)
+    for gamma in (0, 3):
+        out = run(eng, w, d, prompts, SamplingConfig(1.0), gamma, seed=5)
+        check_logprobs(cfg, w, prompts, out, SamplingConfig(1.0))
+    prefills = {shapes[-3][0] for (kind, *_), shapes in eng._signatures if kind == "prefill"}  # prompts, lens, src
+    assert prefills == {(4, prompt_bucket(len(b)))}, prefills  # (distinct bucket, prompt bucket), not 8 rows
+    greedy = run(eng, w, d, prompts, SamplingConfig(0.0), 0)
+    for i, p in enumerate(prompts):
+        alone = run(eng, w, d, [p], SamplingConfig(0.0), 0)
+        np.testing.assert_array_equal(greedy.tokens[i], alone.tokens[0])
 
 
 @pytest.mark.slow

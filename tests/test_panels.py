@@ -185,7 +185,9 @@ def test_execution_layout_packs_only_for_native():
 @pytest.mark.parametrize("drafter", [None, "int8", "int4"])
 def test_packed_forward_matches_the_stacked_reference(backend, drafter):
     """Prefill and a cached decode step on the packed layout give the stacked XLA forward's logits (the
-    target, and int8 / int4 drafters with their own int8 head)."""
+    target, and int8 / int4 drafters with their own int8 head). Tolerance: the native kernels sum in another
+    order than XLA and take int4 zero points off once per group (s * sum x q - s * z * sum x); on logits up to ~8
+    that differed by up to 2e-5 (AVX-512 path), so 1e-4, the engine tests' tolerance for native vs XLA."""
     cfg, w = tiny_model()
     if drafter:
         w = derive_drafter(w, drafter, head="int8")
@@ -193,7 +195,7 @@ def test_packed_forward_matches_the_stacked_reference(backend, drafter):
     ex = Execution(backend, None, "unstacked")
     ref = forward(cfg, w, tokens)
     got = forward(cfg, execution_layout(w, ex), tokens, ex=ex)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
     lr, _ = forward(cfg, w, tokens, init_cache(cfg, 2, 8))
     lg, _ = forward(cfg, execution_layout(w, ex), tokens, init_cache(cfg, 2, 8), ex=ex)
-    np.testing.assert_allclose(np.asarray(lg), np.asarray(lr), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lg), np.asarray(lr), rtol=1e-4, atol=1e-4)

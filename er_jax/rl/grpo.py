@@ -574,7 +574,7 @@ class Trainer:
         bucket x γ, prefill, compaction) and the training step (ahead-of-time, nothing executed). Returns the
         seconds spent per part."""
         t0 = time.perf_counter()
-        self.rollout.warmup(self.rollout_config, prompt_lens=[self.max_prompt_len])
+        self.rollout.warmup(self.rollout_config, prompt_lens=[self.max_prompt_len], group_size=self.cfg.samples)
         t1 = time.perf_counter()
         mb = self.cfg.micro_batch or self.cfg.rows
         rows = None if self.mesh is None else sharding.rows_sharding(self.mesh)
