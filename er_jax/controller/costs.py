@@ -130,7 +130,7 @@ _CPU_XLA = HardwareConstants(bw=1.5e10, flops=5e10, eta_d=7.0, c_t=2e-6, c_d=2e-
                              o_t=3e-4, o_d=1e-4, o_v=3e-4, platform="cpu")
 _DEFAULTS = {
     # 2 CPU cores (AVX-512), f32, the native backend (the CPU default) on panel-major, fused weights: fitted
-    # from a sweep of SmolLM2 with the int8 drafter + int8 head (experiments/results/calibration_cpu_native.json,
+    # from a sweep of SmolLM2 with the int8 drafter + int8 head (experiments/results/calibration_cpu_native_avx512.json,
     # 2026-12-02 12:45 UTC). The fixed costs o_* (attention, sampling, per-call overhead over 30 layers) carry
     # most of a small-batch step; bw and flops are fitted slopes, not the machine's peaks.
     "cpu": HardwareConstants(bw=5.8e10, flops=1.37e11, eta_d=0.13, c_t=3.1e-6, c_d=4.6e-6, c_v=3.8e-6,
