@@ -111,6 +111,8 @@ def test_rows_sharing_a_prompt_are_prefilled_once(model):
     for i, p in enumerate(prompts):
         alone = run(eng, w, d, [p], SamplingConfig(0.0), 0)
         np.testing.assert_array_equal(greedy.tokens[i], alone.tokens[0])
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        eng.warmup(w, d, (0,), SamplingConfig(1.0), (3,), group_size=0)
 
 
 @pytest.mark.slow
