@@ -250,9 +250,9 @@ class Engine:
     def step(self, kind: str, spec: StepSpec, gamma: int, *args):
         """Run the jitted step `kind` (one of STEP_KINDS) on `args`; shapes (set by the buckets) and statics
         pick its executable, compiled once. Arguments per kind: "prefill" (weights, state, distinct prompts
-        [U, P], their lengths [U], each slot's prompt [B]) -> state; "ar" (weights, drafter (ignored), state) -> (state, accepted = 0);
-        "sd" (weights, drafter, state) -> (state, accepted drafts per row); "compact" (state, slots [B'])
-        -> state. The state argument is donated (except for compact)."""
+        [U, P], their lengths [U], each slot's prompt [B]) -> state; "ar" (weights, drafter (ignored), state)
+        -> (state, accepted = 0); "sd" (weights, drafter, state) -> (state, accepted drafts per row); "compact"
+        (state, slots [B']) -> state. The state argument is donated (except for compact)."""
         if kind not in STEP_KINDS:
             raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}")
         if kind == "ar":
