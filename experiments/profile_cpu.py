@@ -13,13 +13,15 @@ it, as the engine does, so none of them pays a copy of it):
 Parts (same shapes): `matmuls` (the 7 projections x 30 layers, chained, nothing else), `layers` (the full
 decoder stack without the LM head: matmuls + norms + RoPE + KV write + attention), `attention` (30
 attention calls over the cache), `kv_write` (30 scatter updates), `lm_head` (final norm + x @ embed.T),
-`sampling` (T = 1: log_softmax + categorical over 49152, and the reported log-prob), `bookkeeping`
-(engine._emit), `round_trip` (a trivial jitted call on the decode state + a host read of 4 scalars).
-Writes experiments/results/cpu_profile.json.
+`sampling` (T = 1: log_softmax over 49152, the backend's `sample` op as `ar_step` calls it, and the reported
+log-prob), `bookkeeping` (engine._emit; the K/V, donated in the engine, are not returned, so no cache copy is
+timed), `round_trip` (a trivial jitted call on the decode state + a host read of 4 scalars).
+Writes experiments/results/<--out> (default cpu_profile.json).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -61,7 +63,7 @@ def main():
     from er_jax.execution import Execution
     from er_jax.model import _layer, execution_layout, linear, logits_from_hidden
     from er_jax.quant import derive_drafter
-    from er_jax.sampling import log_probs, reported_log_probs, sample, token_logprob
+    from er_jax.sampling import log_probs, reported_log_probs, token_logprob
     from er_jax.speculative import draft
 
     m = er_jax.load_model("smollm2", dtype=args.dtype)
@@ -163,11 +165,12 @@ def main():
             logits = jnp.asarray(np.random.default_rng(0).normal(size=(b, cfg.vocab_size)), jnp.float32)
 
             def sampling_fn(st, logits):
-                tok = sample(E._step_keys(st), log_probs(logits, sc), False)
+                tok = ex.op("sample")(E._step_keys(st), log_probs(logits, sc), ex=ex, greedy=False)  # as ar_step
                 return tok, token_logprob(reported_log_probs(logits, sc), tok)
 
-            def emit_fn(st, tok, lp):
-                return E._emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(st.n_gen), st.cache)
+            def emit_fn(st, tok, lp):  # everything but the K/V: in the engine they are donated, here not
+                new = E._emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(st.n_gen), st.cache)
+                return dataclasses.replace(new, cache=new.cache.lengths)  # (returning them would time a copy)
 
             trivial = jax.jit(lambda st: (st.done, st.n_gen + 1, st.cache.lengths, st.n_gen))
             mj, aj, hj, sj, ej = (jax.jit(f) for f in (matmuls_fn, attn_fn, head_fn, sampling_fn, emit_fn))
