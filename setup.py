@@ -29,6 +29,7 @@ if X86:
         ("isa_avx512.cc", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                            "-Wno-maybe-uninitialized"]),  # GCC's own _mm512_undefined_* in avx512fintrin.h
     ]
+    ISA_UNITS.append(("isa_avx512bf16.cc", ISA_UNITS[-1][1] + ["-mavx512bf16"]))
 
 
 def ffi_include_dir() -> str:

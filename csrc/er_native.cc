@@ -12,7 +12,7 @@
 //   er_jax_native_sample(logw, u)             -> tok  inverse-CDF sampling, one token per row (below)
 //   er_jax_native_kv_write(k_all, v_all, k, v, pos, layer) -> (k_all, v_all)   the KV cache write, in place
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
-// default, 1: portable, 2: avx2, 3: avx512) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
+// default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
 // all of x's leading rows run as one matmul (the weights are read once).
 #include <sched.h>
@@ -54,9 +54,10 @@ bool cpu_supports(int isa) {
   __builtin_cpu_init();  // libgcc also checks that the OS saves the AVX / AVX-512 register state
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == kAvx2) return avx2;
-  if (isa == kAvx512)
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == kAvx512) return avx512;
+  if (isa == kAvx512Bf16) return avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
   return false;
 }
@@ -67,6 +68,7 @@ const Kernels* table(int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
     case kAvx2: return er_native_kernels_avx2();
     case kAvx512: return er_native_kernels_avx512();
+    case kAvx512Bf16: return er_native_kernels_avx512bf16();
 #endif
     default: return nullptr;
   }
@@ -77,6 +79,7 @@ const char* isa_name(int isa) {
     case kPortable: return "portable";
     case kAvx2: return "avx2";
     case kAvx512: return "avx512";
+    case kAvx512Bf16: return "avx512bf16";
     default: return "?";
   }
 }
@@ -153,6 +156,12 @@ bool self_check(const Kernels* kern) {
     for (auto& b : p4) b = static_cast<uint8_t>(next() & 0xff);
     for (auto& z : z4) z = static_cast<uint8_t>(next() % 16);
     for (auto& v : px) v = static_cast<float>(next() % 7 - 3);
+    std::vector<uint16_t> pxb(px.size());  // the same x as bf16 (exact): the avx512bf16 kernels' own path
+    for (size_t i = 0; i < px.size(); ++i) {
+      uint32_t u;
+      std::memcpy(&u, &px[i], 4);
+      pxb[i] = static_cast<uint16_t>(u >> 16);
+    }
     for (int64_t i = 0; i < PN * PK; ++i) {
       pf[i] = static_cast<float>(next() % 9 - 4);
       uint32_t u;
@@ -174,6 +183,7 @@ bool self_check(const Kernels* kern) {
               : fmt == kInt8Panel ? static_cast<const void*>(pi.data())
                                   : static_cast<const void*>(p4.data());
         p.rows = fmt == kInt4Panel ? PR : PK;
+        p.xb = fmt == kBF16Panel ? pxb.data() : nullptr;
         p.scale = s4.data();
         p.zero = z4.data();
         p.group = G;
@@ -204,13 +214,13 @@ struct Dispatch {
   const Kernels* active = nullptr;  // the process default
   std::string error;                // why there is none (only when ER_JAX_NATIVE_ISA asks for one we lack)
   std::string notes;                // SIMD paths skipped by the self-check
-  bool usable[4] = {false, false, false, false};
+  bool usable[kIsaCount] = {};
 };
 
 const Dispatch& dispatch() {
   static const Dispatch d = [] {
     Dispatch d;
-    for (int isa : {kPortable, kAvx2, kAvx512}) {
+    for (int isa : {kPortable, kAvx2, kAvx512, kAvx512Bf16}) {
       const Kernels* k = table(isa);
       if (k == nullptr || !cpu_supports(isa)) continue;
       if (!self_check(k)) {
@@ -225,8 +235,9 @@ const Dispatch& dispatch() {
     if (want == "portable") forced = kPortable;
     else if (want == "avx2") forced = kAvx2;
     else if (want == "avx512") forced = kAvx512;
+    else if (want == "avx512bf16") forced = kAvx512Bf16;
     else if (!want.empty() && want != "auto") {
-      d.error = "ER_JAX_NATIVE_ISA=" + want + " is not one of avx512, avx2, portable, auto";
+      d.error = "ER_JAX_NATIVE_ISA=" + want + " is not one of avx512bf16, avx512, avx2, portable, auto";
       return d;
     }
     if (forced != kAuto) {
@@ -234,7 +245,7 @@ const Dispatch& dispatch() {
       else d.error = "ER_JAX_NATIVE_ISA=" + want + " but this CPU (or this build) cannot run the " + want + " kernels";
       return d;
     }
-    for (int isa : {kAvx512, kAvx2, kPortable})
+    for (int isa : {kAvx512Bf16, kAvx512, kAvx2, kPortable})
       if (d.usable[isa]) { d.active = table(isa); break; }
     return d;
   }();
@@ -409,9 +420,9 @@ int64_t call_threads(ffi::ThreadPool& tp, int32_t max_threads) {
 // Per-thread buffers, grown as needed and kept (no allocation, page faults or zero-filling per call):
 // kScratch for an item's block accumulator, kSlots for the per-thread accumulators of a K split and
 // kX for x converted to f32 (both owned by the calling thread for the duration of one call).
-enum Buffer { kScratch = 0, kSlots = 1, kX = 2 };
+enum Buffer { kScratch = 0, kSlots = 1, kX = 2, kXb = 3 };  // kXb: x's bf16 copy (avx512bf16, f32 x)
 float* buffer(Buffer which, size_t floats) {
-  thread_local std::vector<float> bufs[3];
+  thread_local std::vector<float> bufs[4];
   std::vector<float>& buf = bufs[which];
   if (buf.size() < floats) buf.resize(floats);
   return buf.data();
@@ -488,6 +499,19 @@ Plan plan(const Kernels* kern, const Problem& p, int64_t threads, size_t weight_
   return pl;
 }
 
+// f32 x whose every value is a bf16 (the low 16 bits zero: e.g. bf16 activations cast to f32 for an f32
+// result, as the LM head's are) as those bf16 values [M, K], else nullptr: the vdpbf16ps kernel's
+// products are then exactly the f32 kernel's.
+const uint16_t* exact_bf16(const float* x, int64_t m, int64_t k) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+  uint32_t low = 0;
+  for (int64_t i = 0; i < m * k; ++i) low |= u[i] & 0xffffu;
+  if (low != 0) return nullptr;
+  uint16_t* xb = reinterpret_cast<uint16_t*>(buffer(kXb, static_cast<size_t>((m * k + 1) / 2)));
+  for (int64_t i = 0; i < m * k; ++i) xb[i] = static_cast<uint16_t>(u[i] >> 16);
+  return xb;
+}
+
 void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads, Problem p, const void* x,
                 bool x_bf16, const Output& out, size_t weight_bytes) {
   if (p.m == 0 || p.n == 0) return;
@@ -521,6 +545,8 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     }
     p.x = xbuf;
   }
+  p.xb = x_bf16 ? static_cast<const uint16_t*>(x) : nullptr;  // row stride K (xs may be K + 1 only for int4)
+  if (!x_bf16 && p.fmt == kBF16Panel && kern->isa == kAvx512Bf16) p.xb = exact_bf16(p.x, p.m, p.k);
   const Plan pl = plan(kern, p, threads, weight_bytes);
   const int64_t nc = pl.nc, cw = pl.cw, kr = pl.kr, ks = pl.ks;
   if (ks == 1) {
@@ -571,8 +597,8 @@ ffi::Error select_kernels(int32_t isa, const Kernels*& kern) {
   const Dispatch& d = dispatch();
   kern = d.active;
   if (isa != kAuto) {
-    if (isa < kPortable || isa > kAvx512 || !d.usable[isa])
-      return invalid(std::string("the ") + (isa >= kPortable && isa <= kAvx512 ? isa_name(isa) : "requested") +
+    if (isa < kPortable || isa >= kIsaCount || !d.usable[isa])
+      return invalid(std::string("the ") + (isa >= kPortable && isa < kIsaCount ? isa_name(isa) : "requested") +
                      " kernels cannot run on this CPU / build");
     kern = table(isa);
   }
@@ -964,7 +990,9 @@ const char* er_jax_native_isa() {
 const char* er_jax_native_error() { return er_native::dispatch().error.c_str(); }
 const char* er_jax_native_notes() { return er_native::dispatch().notes.c_str(); }
 // 1 when the kernels of `isa` (1 portable, 2 avx2, 3 avx512) run on this CPU and passed the self-check.
-int er_jax_native_usable(int isa) { return (isa >= 1 && isa <= 3 && er_native::dispatch().usable[isa]) ? 1 : 0; }
+int er_jax_native_usable(int isa) {
+  return (isa >= 1 && isa < er_native::kIsaCount && er_native::dispatch().usable[isa]) ? 1 : 0;
+}
 const char* er_jax_native_pool() { return er_native::threading().use_xla ? "xla" : "own"; }
 int er_jax_native_max_threads() { return static_cast<int>(er_native::threading().max_threads); }
 int er_jax_native_affinity_cpus() { return er_native::affinity_cpus(); }

@@ -7,7 +7,8 @@
 
 namespace er_native {
 
-enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
+// kAvx512Bf16: the AVX-512 kernels plus vdpbf16ps (avx512_bf16) for bf16 x times bf16 panel weights.
+enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4, kIsaCount = 5 };
 enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3, kF32Panel = 4, kBF16Panel = 5, kInt8Panel = 6,
                          kInt4Panel = 7 };
 
@@ -28,6 +29,7 @@ struct Problem {
   const uint8_t* zero;  // int4: [Kp/G, N] (panels too)
   int64_t group;        // int4 group size G (even)
   int64_t rows;         // panels: rows per panel (K; int4: Kp / 2 byte rows)
+  const uint16_t* xb;   // x's own bf16 values [M, K] (row stride K) when x is bf16, else nullptr
 };
 
 // The f32 partial sums of rows [k0, k1) of W for output columns [c0, c1) and all M rows, written to
@@ -70,5 +72,6 @@ const er_native::Kernels* er_native_kernels_portable();
 #if defined(__x86_64__) || defined(_M_X64)
 const er_native::Kernels* er_native_kernels_avx2();
 const er_native::Kernels* er_native_kernels_avx512();
+const er_native::Kernels* er_native_kernels_avx512bf16();
 #endif
 }

@@ -13,7 +13,8 @@ float dtypes (f16), more rows than `AUTO_MAX_M` (XLA is faster there), empty ope
 or an extension that is not built. Malformed input (non-float x, wrong ranks, K mismatch) raises ValueError.
 
 The kernels pick an ISA at load time (AVX-512 / AVX2 / portable, best the CPU runs and that passes a
-start-up self-check); `ER_JAX_NATIVE_ISA=avx512|avx2|portable` forces one, and the `isa=` keyword of
+start-up self-check; "avx512bf16" is the AVX-512 path plus vdpbf16ps for bf16 activations times bf16
+weights); `ER_JAX_NATIVE_ISA=avx512bf16|avx512|avx2|portable` forces one, and the `isa=` keyword of
 `matmul` / `quant_matmul` selects one per call (tests, benchmarks). Threads: XLA's own intra-op pool by
 default (`ER_JAX_NATIVE_POOL=own` for a private pool sized from the CPU affinity).
 """
@@ -38,7 +39,7 @@ from er_jax.quant import QuantArray
 from er_jax.sampling import sample as gumbel_sample
 from er_jax.sampling import sample_inverse_cdf_reference, uniforms
 
-ISAS = {"portable": 1, "avx2": 2, "avx512": 3}
+ISAS = {"portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 # The kernels' domain: M = product of x's leading dimensions (rows x positions) up to MAX_M.
 MAX_M = 256
 # Without an explicit `isa=`, rows beyond these go to XLA (dense: Eigen's f32 GEMM; quantized: dequantize
@@ -102,7 +103,7 @@ def why_unavailable() -> str | None:
 
 
 def isa() -> str:
-    """The ISA path the kernels use by default ("avx512", "avx2", "portable"), or "" when unavailable."""
+    """The ISA path the kernels use by default ("avx512bf16", "avx512", "avx2", "portable"), or "" when unavailable."""
     return _load()["isa"] or ""
 
 
