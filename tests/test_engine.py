@@ -37,7 +37,8 @@ def check_logprobs(cfg, w, prompts, out, sc, tol=1e-4):
 
 def test_bucket_maps():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
-    assert [prompt_bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+    assert [prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 100, 129)] == [16, 16, 24, 24, 32, 48, 48, 64,
+                                                                                    128, 192]
 
 
 @pytest.mark.slow  # the fast lane's log-prob check: test_native_engine.py::test_logprobs_match_teacher_forced

@@ -43,6 +43,29 @@ def test_extension_was_built_in_ci():
     assert native.available(), native.why_unavailable()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@needs_native
+def test_every_isa_the_cpu_advertises_is_usable():
+    """A SIMD path this CPU has must have been built and have passed the start-up self-check: a path that
+    silently dropped out (a failed self-check, a unit not compiled) would leave every test green on a slower
+    one. Reads the kernel's view of the CPU from /proc/cpuinfo (Linux x86-64)."""
+    flags = _cpu_flags()
+    want = {"avx2": {"avx2", "fma"}}
+    want["avx512"] = want["avx2"] | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    want["avx512bf16"] = want["avx512"] | {"avx512_bf16"}
+    have = [isa for isa, need in want.items() if need <= flags]
+    assert set(have) <= set(native.usable_isas()), (have, native.info())
+    if have and not os.environ.get("ER_JAX_NATIVE_ISA"):
+        assert native.isa() == have[-1]
+
+
 def test_unavailable_reason_is_one_sentence():
     if native.available():
         assert native.why_unavailable() is None and native.isa() in native.ISAS

@@ -124,6 +124,25 @@ def test_panel_matmul_exact_on_integer_data():
 
 
 @needs_native
+@pytest.mark.parametrize("k", [300, 301])  # even; odd (the vdpbf16ps kernel's single last row)
+def test_bf16_activations_exact_on_integer_data(k):
+    """bf16 x times bf16 panels (the avx512bf16 ISA's vdpbf16ps kernel, where the CPU has it), on exact sums:
+    bf16 x gives numpy's product rounded once to bf16, and f32 x holding bf16 values (the LM head's case,
+    which that kernel also takes) numpy's product exactly, on every ISA, across k blocks and M tiles."""
+    rng = np.random.default_rng(k)
+    x = rng.integers(-3, 4, (2, 150, k)).astype(np.float32)
+    w = rng.integers(-4, 5, (k, 208)).astype(np.float32)
+    want = x @ w  # |sums| <= 12 k < 2^24: exact in f32
+    pa = pack(jnp.asarray(w, jnp.bfloat16))
+    want_bf16 = np.asarray(jnp.asarray(want, jnp.bfloat16).astype(jnp.float32))
+    for isa in _isas():
+        yb = native.matmul(jnp.asarray(x, jnp.bfloat16), pa, isa=isa)
+        assert yb.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(yb.astype(jnp.float32)), want_bf16, err_msg=isa)
+        np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa, isa=isa)), want, err_msg=isa)
+
+
+@needs_native
 def test_panel_matmul_refuses_malformed_panels():
     x = jnp.ones((2, 8))
     with pytest.raises(ValueError, match="PanelArray data must be"):
