@@ -600,6 +600,44 @@ static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16
   for (int64_t j = lim; j < n; ++j) s[j] = 0.f;
 }
 
+#ifdef ER_NATIVE_AVX512_BF16
+// Scores of query rows [r0, r0 + rows) of batch row b against keys [0, n) of KV heads [kv0, kv1), key by
+// key, for a bf16 q and cache (hd a multiple of 32): vdpbf16ps on q's and each key's bf16 values as they
+// are (pairs along the head dimension), so no key is converted to f32; the products of two bf16 are exact,
+// as in the f32 path, and the sums are f32 in another order (with denormals flushed, as in the bf16
+// matmul; docs/native.md). Rows not visible to a query are scored too (softmax_row ignores them).
+static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t rows,
+                          int64_t hd, float inv_sqrt, float* sbuf, int64_t n) {
+  const int64_t nkv = kv1 - kv0, key_stride = a.KV * hd;
+  thread_local std::vector<uint16_t> qbv;
+  qbv.resize(nkv * rows * hd);
+  uint16_t* qb = qbv.data();
+  const uint16_t* q = static_cast<const uint16_t*>(a.q);
+  for (int64_t kv = kv0; kv < kv1; ++kv)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
+      std::memcpy(qb + ((kv - kv0) * rows + r) * hd, q + ((b * a.T + t) * a.H + kv * a.G + g) * hd, 2 * hd);
+    }
+  const uint16_t* keys = static_cast<const uint16_t*>(a.k) + b * a.S * key_stride;
+  for (int64_t j = 0; j < n; ++j) {
+    const char* ahead = reinterpret_cast<const char*>(keys + (j + 8) * key_stride + kv0 * hd);
+    if (j + 8 < n)
+      for (int64_t off = 0; off < nkv * hd * 2; off += 64) __builtin_prefetch(ahead + off);
+    for (int64_t kv = kv0; kv < kv1; ++kv) {
+      const uint16_t* kr = keys + j * key_stride + kv * hd;
+      const int64_t h = kv - kv0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* qr = qb + (h * rows + r) * hd;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hd; d += 32)
+          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qr + d), (__m512bh)_mm512_loadu_si512(kr + d));
+        sbuf[(h * rows + r) * n + j] = _mm512_reduce_add_ps(acc) * inv_sqrt;
+      }
+    }
+  }
+}
+#endif
+
 template <int HD>
 static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1) {
   constexpr int kScoreKeys = 4, kValueKeys = 8;  // keys processed together in each pass (many rows)
@@ -679,6 +717,11 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     accumulate_keys<HD, 1>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd, lim);
   };
   const bool by_key = rows <= kKeyByKeyRows;
+#ifdef ER_NATIVE_AVX512_BF16
+  if (by_key && a.q_bf16 && a.kv_bf16 && hd % 32 == 0)  // vdpbf16ps on q and the cache's bf16 keys in place
+    score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n);
+  else
+#endif
   if (by_key) for_keys(One{}, a.k, score_one, score_one);
   else
     for_keys(Score{}, a.k,
