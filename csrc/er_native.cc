@@ -989,7 +989,8 @@ const char* er_jax_native_isa() {
 }
 const char* er_jax_native_error() { return er_native::dispatch().error.c_str(); }
 const char* er_jax_native_notes() { return er_native::dispatch().notes.c_str(); }
-// 1 when the kernels of `isa` (1 portable, 2 avx2, 3 avx512) run on this CPU and passed the self-check.
+// 1 when the kernels of `isa` (1 portable, 2 avx2, 3 avx512, 4 avx512bf16) run on this CPU and passed the
+// self-check.
 int er_jax_native_usable(int isa) {
   return (isa >= 1 && isa < er_native::kIsaCount && er_native::dispatch().usable[isa]) ? 1 : 0;
 }
