@@ -144,10 +144,9 @@ static void panel_group_dp(const Problem& p, int64_t k0, int64_t k1, int64_t j0,
 
 template <int MR, int NP>
 static void run_panels_dp_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
-  const int64_t cw = c1 - c0, j1 = c1 / kPanelCols;
-  int64_t j = c0 / kPanelCols;
-  for (; j + NP <= j1; j += NP) panel_group_dp<MR, NP>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
-  for (; j < j1; ++j) panel_group_dp<MR, 1>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+  for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+    panel_group_dp<MR, decltype(np)::value>(p, k0, k1, j, sc, ss);
+  });
 }
 
 static void run_block_bf16(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,

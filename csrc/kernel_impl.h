@@ -350,12 +350,21 @@ static void panel_group(const Problem& p, int64_t k0, int64_t k1, int64_t j0, fl
   }
 }
 
-template <int FMT, int MR, int NP>
-static void run_panels_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+// The panels of columns [c0, c1) in groups of NP, then one by one: group(np, j0, sc, ss) with np an
+// integral_constant (NP or 1), sc = &acc[0, 16 j0 - c0] and ss = c1 - c0.
+template <int NP, class Group>
+static inline void for_panel_groups(int64_t c0, int64_t c1, float* acc, Group&& group) {
   const int64_t cw = c1 - c0, j1 = c1 / kPanelCols;
   int64_t j = c0 / kPanelCols;
-  for (; j + NP <= j1; j += NP) panel_group<FMT, MR, NP>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
-  for (; j < j1; ++j) panel_group<FMT, MR, 1>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+  for (; j + NP <= j1; j += NP) group(std::integral_constant<int, NP>{}, j, acc + (j * kPanelCols - c0), cw);
+  for (; j < j1; ++j) group(std::integral_constant<int, 1>{}, j, acc + (j * kPanelCols - c0), cw);
+}
+
+template <int FMT, int MR, int NP>
+static void run_panels_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+  for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+    panel_group<FMT, MR, decltype(np)::value>(p, k0, k1, j, sc, ss);
+  });
 }
 
 // int4 panels: packed rows [r0, r1) of group g (one byte = rows 2r, 2r + 1 of a column, as tile_int4), the
@@ -420,10 +429,9 @@ static void panel_group_int4(const Problem& p, int64_t k0, int64_t k1, int64_t j
 
 template <int MR, int NP>
 static void run_panels_int4_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
-  const int64_t cw = c1 - c0, j1 = c1 / kPanelCols;
-  int64_t j = c0 / kPanelCols;
-  for (; j + NP <= j1; j += NP) panel_group_int4<MR, NP>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
-  for (; j < j1; ++j) panel_group_int4<MR, 1>(p, k0, k1, j, acc + (j * kPanelCols - c0), cw);
+  for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+    panel_group_int4<MR, decltype(np)::value>(p, k0, k1, j, sc, ss);
+  });
   for (int64_t g = k0 / p.group; g * p.group < k1; ++g) int4_zero_correction(p, g, c0, c1, acc);
 }
 
