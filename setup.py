@@ -30,6 +30,7 @@ if X86:
                            "-Wno-maybe-uninitialized"]),  # GCC's own _mm512_undefined_* in avx512fintrin.h
     ]
     ISA_UNITS.append(("isa_avx512bf16.cc", ISA_UNITS[-1][1] + ["-mavx512bf16"]))
+    ISA_UNITS.append(("isa_amx.cc", ISA_UNITS[-1][1] + ["-mamx-tile", "-mamx-bf16"]))
 
 
 def ffi_include_dir() -> str:

@@ -12,10 +12,12 @@
 //   er_jax_native_sample(logw, u)             -> tok  inverse-CDF sampling, one token per row (below)
 //   er_jax_native_kv_write(k_all, v_all, k, v, pos, layer) -> (k_all, v_all)   the KV cache write, in place
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
-// default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
+// default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16, 5: amx) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
 // all of x's leading rows run as one matmul (the weights are read once).
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,6 +36,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -57,9 +60,27 @@ bool cpu_supports(int isa) {
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (isa == kAvx512) return avx512;
-  if (isa == kAvx512Bf16) return avx512 && __builtin_cpu_supports("avx512bf16");
+  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (isa == kAvx512Bf16) return bf16;
+  if (isa == kAmx) {  // CPUID.7.0:EDX bit 22 amx_bf16, bit 24 amx_tile; then the kernel's permission
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!bf16 || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }
 #endif
   return false;
+}
+
+// Whether vdpbf16ps beats the f32 FMAs for bf16 panels: on AMD's Zen 4 (bf16 x bf16 panels at 16-64 rows:
+// 300-360 against 170-210 GFLOP/s); not on Intel's Sapphire Rapids, whose one vdpbf16ps port does 32
+// multiply-adds a cycle like its two FMA ports, the pair permute on top (0.7-0.8x; docs/native.md).
+bool dp_pays() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
 }
 
 const Kernels* table(int isa) {
@@ -69,6 +90,7 @@ const Kernels* table(int isa) {
     case kAvx2: return er_native_kernels_avx2();
     case kAvx512: return er_native_kernels_avx512();
     case kAvx512Bf16: return er_native_kernels_avx512bf16();
+    case kAmx: return er_native_kernels_amx();
 #endif
     default: return nullptr;
   }
@@ -80,6 +102,7 @@ const char* isa_name(int isa) {
     case kAvx2: return "avx2";
     case kAvx512: return "avx512";
     case kAvx512Bf16: return "avx512bf16";
+    case kAmx: return "amx";
     default: return "?";
   }
 }
@@ -144,13 +167,14 @@ bool self_check(const Kernels* kern) {
       if (!agrees(p)) return false;
     }
   }
-  // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256).
-  {
-    const int64_t PK = 300, PN = 2 * kern->col_align + kPanelCols;
-    std::vector<float> px(7 * PK), pf(PN * PK);
+  // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256);
+  // K = 256 and 19 rows also for AMX's whole 32-row tiles and its 16-row M tiles (a full one and a partial one).
+  for (const int64_t PK : {300, 256}) {
+    const int64_t PN = 2 * kern->col_align + kPanelCols;
+    std::vector<float> px(19 * PK), pf(PN * PK);
     std::vector<uint16_t> pb(PN * PK);
     std::vector<int8_t> pi(PN * PK);
-    const int64_t PR = 192;  // int4: 3 groups of 128 rows, 84 of them padding, as byte rows
+    const int64_t PR = PK == 300 ? 192 : 128;  // int4: 3 groups of 128 rows, 84 of them padding (or 2), as byte rows
     std::vector<uint8_t> p4(PN * PR), z4(3 * PN);
     std::vector<float> s4(3 * PN, 0.5f);
     for (auto& b : p4) b = static_cast<uint8_t>(next() & 0xff);
@@ -170,7 +194,7 @@ bool self_check(const Kernels* kern) {
       pi[i] = static_cast<int8_t>(next() % 255 - 127);
     }
     for (int fmt : {kF32Panel, kBF16Panel, kInt8Panel, kInt4Panel}) {
-      for (int64_t m : {1, 2, 7}) {
+      for (int64_t m : {1, 2, 7, 19}) {
         Problem p{};
         p.fmt = fmt;
         p.m = m;
@@ -183,7 +207,7 @@ bool self_check(const Kernels* kern) {
               : fmt == kInt8Panel ? static_cast<const void*>(pi.data())
                                   : static_cast<const void*>(p4.data());
         p.rows = fmt == kInt4Panel ? PR : PK;
-        p.xb = fmt == kBF16Panel ? pxb.data() : nullptr;
+        p.xb = pxb.data();  // every panel format has a vdpbf16ps path for bf16 x
         p.scale = s4.data();
         p.zero = z4.data();
         p.group = G;
@@ -220,7 +244,7 @@ struct Dispatch {
 const Dispatch& dispatch() {
   static const Dispatch d = [] {
     Dispatch d;
-    for (int isa : {kPortable, kAvx2, kAvx512, kAvx512Bf16}) {
+    for (int isa : {kPortable, kAvx2, kAvx512, kAvx512Bf16, kAmx}) {
       const Kernels* k = table(isa);
       if (k == nullptr || !cpu_supports(isa)) continue;
       if (!self_check(k)) {
@@ -236,8 +260,9 @@ const Dispatch& dispatch() {
     else if (want == "avx2") forced = kAvx2;
     else if (want == "avx512") forced = kAvx512;
     else if (want == "avx512bf16") forced = kAvx512Bf16;
+    else if (want == "amx") forced = kAmx;
     else if (!want.empty() && want != "auto") {
-      d.error = "ER_JAX_NATIVE_ISA=" + want + " is not one of avx512bf16, avx512, avx2, portable, auto";
+      d.error = "ER_JAX_NATIVE_ISA=" + want + " is not one of amx, avx512bf16, avx512, avx2, portable, auto";
       return d;
     }
     if (forced != kAuto) {
@@ -245,8 +270,8 @@ const Dispatch& dispatch() {
       else d.error = "ER_JAX_NATIVE_ISA=" + want + " but this CPU (or this build) cannot run the " + want + " kernels";
       return d;
     }
-    for (int isa : {kAvx512Bf16, kAvx512, kAvx2, kPortable})
-      if (d.usable[isa]) { d.active = table(isa); break; }
+    for (int isa : {kAmx, kAvx512Bf16, kAvx512, kAvx2, kPortable})
+      if (d.usable[isa] && (isa != kAvx512Bf16 || dp_pays())) { d.active = table(isa); break; }
     return d;
   }();
   return d;
@@ -546,7 +571,8 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     p.x = xbuf;
   }
   p.xb = x_bf16 ? static_cast<const uint16_t*>(x) : nullptr;  // row stride K (xs may be K + 1 only for int4)
-  if (!x_bf16 && p.fmt == kBF16Panel && kern->isa == kAvx512Bf16) p.xb = exact_bf16(p.x, p.m, p.k);
+  const bool dp_panels = p.fmt == kBF16Panel || p.fmt == kInt8Panel || p.fmt == kInt4Panel;
+  if (!x_bf16 && dp_panels && kern->isa >= kAvx512Bf16) p.xb = exact_bf16(p.x, p.m, p.k);
   const Plan pl = plan(kern, p, threads, weight_bytes);
   const int64_t nc = pl.nc, cw = pl.cw, kr = pl.kr, ks = pl.ks;
   if (ks == 1) {
@@ -989,7 +1015,7 @@ const char* er_jax_native_isa() {
 }
 const char* er_jax_native_error() { return er_native::dispatch().error.c_str(); }
 const char* er_jax_native_notes() { return er_native::dispatch().notes.c_str(); }
-// 1 when the kernels of `isa` (1 portable, 2 avx2, 3 avx512, 4 avx512bf16) run on this CPU and passed the
+// 1 when the kernels of `isa` (1 portable, 2 avx2, 3 avx512, 4 avx512bf16, 5 amx) run on this CPU and passed the
 // self-check.
 int er_jax_native_usable(int isa) {
   return (isa >= 1 && isa < er_native::kIsaCount && er_native::dispatch().usable[isa]) ? 1 : 0;

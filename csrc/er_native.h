@@ -8,7 +8,8 @@
 namespace er_native {
 
 // kAvx512Bf16: the AVX-512 kernels plus vdpbf16ps (avx512_bf16) for bf16 x times bf16 panel weights.
-enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4, kIsaCount = 5 };
+// kAmx: the avx512bf16 kernels plus AMX tiles (amx_bf16) for bf16 / int8 / int4 panels times bf16 x.
+enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4, kAmx = 5, kIsaCount = 6 };
 enum Format : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3, kF32Panel = 4, kBF16Panel = 5, kInt8Panel = 6,
                          kInt4Panel = 7 };
 
@@ -73,5 +74,6 @@ const er_native::Kernels* er_native_kernels_portable();
 const er_native::Kernels* er_native_kernels_avx2();
 const er_native::Kernels* er_native_kernels_avx512();
 const er_native::Kernels* er_native_kernels_avx512bf16();
+const er_native::Kernels* er_native_kernels_amx();
 #endif
 }

@@ -79,93 +79,287 @@ const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kKR, run_block, attend, 
 // interleaves them into the (k, k + 1) pairs of each column; x's pair (x[k], x[k + 1]) is one 32-bit
 // broadcast. The permute is paid once per M tile of 6 rows (6 x 4 vdpbf16ps per 4 permutes); the panel
 // layout is left as the other ISAs read it (docs/native.md, "bf16 activations").
-template <int MR, int NP, bool PF>
-static inline void panel_tile_dp(const Problem& p, int64_t k0, int64_t k1, int64_t j0, int64_t m0, float* sc,
-                                 int64_t ss) {
-  alignas(64) static constexpr int16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+alignas(64) static constexpr int16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// A k block of NP bf16 panels for vdpbf16ps: panel q's row k at w + q * stride + 16 k (paired: rows k, k + 1
+// already interleaved into pairs, 32 values per pair of rows), `rows` rows; x: the block's first bf16 of the
+// tile's first M row (row stride xs); xo: f32 x at the block's last row (row stride xos), read only for an odd
+// row count (bf16 panels of odd K); gs: int4's group scale for the NP panels' columns, else nullptr.
+struct DpBlock {
+  const uint16_t* w;
+  int64_t stride, rows;
+  const uint16_t* x;
+  int64_t xs;
+  const float* xo;
+  int64_t xos;
+  const float* gs;
+};
+
+template <int MR, int NP, bool PAIRED, bool PF>
+static inline void dp_tile(const DpBlock& b, int64_t m0, float* sc, int64_t ss) {
   const __m512i perm = _mm512_load_si512(kPairs);
-  const uint16_t* w = static_cast<const uint16_t*>(p.w);
-  const uint16_t* x = p.xb + m0 * p.k;
+  const uint16_t* x = b.x + m0 * b.xs;
   __m512 acc[MR][NP];
   for (int m = 0; m < MR; ++m)
     for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_setzero_ps();
-  const int64_t stride = p.rows * kPanelCols, base = j0 * stride;  // elements between panels; panel j0's start
-  int64_t k = k0;
-  for (; k + 2 <= k1; k += 2) {
+  int64_t k = 0;
+  for (; k + 2 <= b.rows; k += 2) {
     __m512bh wv[NP];
-    for (int q = 0; q < NP; ++q)
-      wv[q] = (__m512bh)_mm512_permutexvar_epi16(perm, _mm512_loadu_si512(w + base + q * stride + k * kPanelCols));
+    for (int q = 0; q < NP; ++q) {
+      const __m512i v = _mm512_loadu_si512(b.w + q * b.stride + k * kPanelCols);
+      wv[q] = (__m512bh)(PAIRED ? v : _mm512_permutexvar_epi16(perm, v));
+    }
     if constexpr (PF)  // rows k, k + 1 of the next NP panels: one 64-byte line each
-      for (int q = 0; q < NP; ++q) __builtin_prefetch(w + base + (q + NP) * stride + k * kPanelCols);
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(b.w + (q + NP) * b.stride + k * kPanelCols);
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
-      std::memcpy(&pair, x + m * p.k + k, 4);
-      const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
-      for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], wv[q], b);
+      std::memcpy(&pair, x + m * b.xs + k, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], wv[q], xv);
     }
   }
-  if (k < k1) {  // an odd last row (odd K): plain f32 FMAs on x's f32 copy
+  if (k < b.rows) {  // an odd last row (bf16 panels of odd K): plain f32 FMAs on x's f32 copy
     for (int q = 0; q < NP; ++q) {
-      const __m512 wq = V::load_bf16(w + base + q * stride + k * kPanelCols);
-      for (int m = 0; m < MR; ++m) acc[m][q] = V::fma(V::bcast(p.x[(m0 + m) * p.xs + k]), wq, acc[m][q]);
+      const __m512 wq = V::load_bf16(b.w + q * b.stride + k * kPanelCols);
+      for (int m = 0; m < MR; ++m) acc[m][q] = V::fma(V::bcast(b.xo[(m0 + m) * b.xos]), wq, acc[m][q]);
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int q = 0; q < NP; ++q) {
       float* d = sc + m * ss + q * kPanelCols;
-      V::store(d, V::add(V::load(d), acc[m][q]));
+      V::store(d, b.gs ? V::fma(acc[m][q], V::load(b.gs + q * kPanelCols), V::load(d)) : V::add(V::load(d), acc[m][q]));
     }
 }
 
-template <int R, int NP>
-static inline void panel_rem_dp(int64_t r, bool pf, const Problem& p, int64_t k0, int64_t k1, int64_t j0, int64_t m0,
-                                float* sc, int64_t ss) {
+template <int R, int NP, bool PAIRED>
+static inline void dp_rem(int64_t r, bool pf, const DpBlock& b, int64_t m0, float* sc, int64_t ss) {
   if constexpr (R >= 1) {
-    if (r != R) return panel_rem_dp<R - 1, NP>(r, pf, p, k0, k1, j0, m0, sc, ss);
-    if (pf) panel_tile_dp<R, NP, true>(p, k0, k1, j0, m0, sc, ss);
-    else panel_tile_dp<R, NP, false>(p, k0, k1, j0, m0, sc, ss);
+    if (r != R) return dp_rem<R - 1, NP, PAIRED>(r, pf, b, m0, sc, ss);
+    if (pf) dp_tile<R, NP, PAIRED, true>(b, m0, sc, ss);
+    else dp_tile<R, NP, PAIRED, false>(b, m0, sc, ss);
   }
 }
 
-// As panel_group / run_panels_mr (kernel_impl.h), k blocks of kPanelKC rows (even: pairs never straddle).
+// All M rows of one block in tiles of MR (sc = &scratch[0, 16 j0 - c0]); the first tile prefetches the next
+// panels' rows when they stream from memory (not from a converted L1 block).
+template <int MR, int NP, bool PAIRED>
+static inline void dp_rows(const Problem& p, const DpBlock& b, float* sc, int64_t ss) {
+  int64_t m = 0;
+  for (; m + MR <= p.m; m += MR) {
+    if (m == 0 && !PAIRED) dp_tile<MR, NP, PAIRED, true>(b, m, sc, ss);
+    else dp_tile<MR, NP, PAIRED, false>(b, m, sc + m * ss, ss);
+  }
+  if (m < p.m) dp_rem<MR - 1, NP, PAIRED>(p.m - m, m == 0 && !PAIRED, b, m, sc + m * ss, ss);
+}
+
+// bf16 panels, as panel_group (kernel_impl.h), k blocks of kPanelKC rows (even: pairs never straddle).
 template <int MR, int NP>
 static void panel_group_dp(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
+  const uint16_t* w = static_cast<const uint16_t*>(p.w);
+  const int64_t stride = p.rows * kPanelCols;
   for (int64_t kb = k0; kb < k1; kb += kPanelKC) {
     const int64_t ke = imin(kb + kPanelKC, k1);
-    int64_t m = 0;
-    for (; m + MR <= p.m; m += MR) {
-      if (m == 0) panel_tile_dp<MR, NP, true>(p, kb, ke, j0, m, sc, ss);
-      else panel_tile_dp<MR, NP, false>(p, kb, ke, j0, m, sc + m * ss, ss);
-    }
-    if (m < p.m) panel_rem_dp<MR - 1, NP>(p.m - m, m == 0, p, kb, ke, j0, m, sc + m * ss, ss);
+    const DpBlock b{w + j0 * stride + kb * kPanelCols, stride, ke - kb, p.xb + kb, p.k, p.x + ke - 1, p.xs, nullptr};
+    dp_rows<MR, NP, false>(p, b, sc, ss);
   }
 }
 
-template <int MR, int NP>
-static void run_panels_dp_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
-  for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
-    panel_group_dp<MR, decltype(np)::value>(p, k0, k1, j, sc, ss);
-  });
+// int8 / int4 panels times bf16 x (a bf16 target's activations, or f32 ones rounded to bf16 on request,
+// run_matmul): each k block of NP panels is converted once into paired bf16 in an L1 buffer (int8 codes, int4
+// code - zero: integers of at most 8 bits, exact in bf16), and every M tile runs vdpbf16ps on it: the products
+// are those of the f32 kernels on the same x (exact), only the order of the f32 sums differs. int4's block is
+// one group, its scale applied to the group's sums; int8's per-column scale stays in finalize(). K is even.
+constexpr int64_t kQuantKC = 128;  // rows per converted block: NP x 4 KiB of bf16
+
+template <int FMT, int NP>
+static inline void convert_block(const Problem& p, int64_t k0, int64_t k1, int64_t j0, uint16_t* buf) {
+  const __m512i perm = _mm512_load_si512(kPairs);
+  const int64_t stride = p.rows * kPanelCols;  // elements between panels (int4: bytes)
+  const uint8_t* src = static_cast<const uint8_t*>(p.w) + j0 * stride * (FMT == kBF16Panel ? 2 : 1);
+  for (int q = 0; q < NP; ++q) {
+    const uint8_t* s = src + q * stride;
+    uint16_t* d = buf + q * kQuantKC * kPanelCols;
+    if constexpr (FMT == kBF16Panel) {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(src) + q * stride;
+      for (int64_t k = k0; k < k1; k += 2, d += 2 * kPanelCols) {
+        __builtin_prefetch(h + NP * stride + k * kPanelCols);
+        _mm512_store_si512(d, _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(h + k * kPanelCols)));
+      }
+    } else if constexpr (FMT == kInt8Panel) {
+      for (int64_t k = k0; k < k1; k += 2, d += 2 * kPanelCols) {
+        if ((k & 3) == 0) __builtin_prefetch(s + NP * stride + k * kPanelCols);  // the next panels' line
+        const __m512 a = V::load_i8(reinterpret_cast<const int8_t*>(s) + k * kPanelCols);
+        const __m512 c = V::load_i8(reinterpret_cast<const int8_t*>(s) + (k + 1) * kPanelCols);
+        _mm512_store_si512(d, _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(c, a)));
+      }
+    } else {
+      const __m512i z = V::load_u8_i32(p.zero + (k0 / p.group) * p.n + (j0 + q) * kPanelCols);
+      for (int64_t r = k0 / 2; r < k1 / 2; ++r, d += 2 * kPanelCols) {  // byte row r = rows 2r, 2r + 1
+        if ((r & 3) == 0) __builtin_prefetch(s + NP * stride + r * kPanelCols);
+        const __m512i v = V::load_u8_i32(s + r * kPanelCols);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), z));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z));
+        _mm512_store_si512(d, _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+  }
 }
+
+template <int FMT, int MR, int NP>
+static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
+  alignas(64) uint16_t buf[NP * kQuantKC * kPanelCols];
+  const int64_t B = FMT == kInt4Panel ? p.group : kQuantKC;
+  for (int64_t kb = k0; kb < k1; kb += B) {
+    const int64_t ke = imin(kb + B, k1);
+    convert_block<FMT, NP>(p, kb, ke, j0, buf);
+    const float* gs = FMT == kInt4Panel ? p.scale + (kb / B) * p.n + j0 * kPanelCols : nullptr;
+    const DpBlock b{buf, kQuantKC * kPanelCols, ke - kb, p.xb + kb, p.k, nullptr, 0, gs};
+    dp_rows<MR, NP, true>(p, b, sc, ss);
+  }
+}
+
+// Rows of M from which int8 / int4 panels take the converted-block path: below it a call streams its
+// weights (at most ~2 FMAs per weight), and converting them in registers costs nothing there.
+constexpr int64_t kQuantDpMinM = 3;
 
 static void run_block_bf16(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                            bool accumulate) {
-  if (p.fmt != kBF16Panel || p.xb == nullptr || (k0 & 1)) return run_block(p, k0, k1, c0, c1, acc, accumulate);
+  const bool quant = (p.fmt == kInt8Panel || (p.fmt == kInt4Panel && p.group <= kQuantKC)) && p.m >= kQuantDpMinM &&
+                     p.k % 2 == 0;
+  if ((p.fmt != kBF16Panel && !quant) || p.xb == nullptr || (k0 & 1))
+    return run_block(p, k0, k1, c0, c1, acc, accumulate);
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
-  if (p.m == 1) run_panels_dp_mr<1, kPNP1>(p, k0, k1, c0, c1, acc);
-  else if (p.m == 2) run_panels_dp_mr<2, kPNP2>(p, k0, k1, c0, c1, acc);
-  else run_panels_dp_mr<kPMRB, kPNPB>(p, k0, k1, c0, c1, acc);
+  auto each = [&](auto group) { for_panel_groups<kPNPB>(c0, c1, acc, group); };
+  if (p.fmt == kInt8Panel)
+    each([&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_qdp<kInt8Panel, kPMRB, decltype(np)::value>(p, k0, k1, j, sc, ss); });
+  else if (p.fmt == kInt4Panel)
+    each([&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_qdp<kInt4Panel, kPMRB, decltype(np)::value>(p, k0, k1, j, sc, ss); });
+  else if (p.m == 1)
+    for_panel_groups<kPNP1>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_dp<1, decltype(np)::value>(p, k0, k1, j, sc, ss); });
+  else if (p.m == 2)
+    for_panel_groups<kPNP2>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_dp<2, decltype(np)::value>(p, k0, k1, j, sc, ss); });
+  else
+    each([&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_dp<kPMRB, decltype(np)::value>(p, k0, k1, j, sc, ss); });
 }
 
+#ifdef ER_NATIVE_AMX
+// ---------------------------------------------------------------------------------------------------
+// AMX (amx_bf16): TDPBF16PS multiplies a tile of up to 16 rows x 32 bf16 of x by a tile of 16 pair rows x 16
+// columns (the paired layout convert_block writes: one 64-byte row per pair of k rows) into 16 x 16 f32,
+// 8192 multiply-adds per instruction: at the rows of M a decode or verify step has, the matmul is bound by
+// reading the weights, whatever their format. Products exact, f32 sums (as vdpbf16ps, denormals flushed).
+// Tiles: tmm0-3 the NP <= 4 panels' sums, tmm4 x, tmm5-7 panels (reused in turn). The tile state is per
+// thread: every run_block call loads its own configuration and releases the tiles at its end.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+static void amx_config(int64_t mr) {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = t < 5 ? static_cast<uint8_t>(mr) : 16;  // sums and x: mr rows; panels: 16 pair rows
+  }
+  _tile_loadconfig(&c);
+}
+
+constexpr int64_t kAmxK = 32;  // k rows per TDPBF16PS
+
+// The sums of `rows` (a multiple of 32) k rows of x [mr rows, stride xs] times NP converted panels, into
+// tmp [mr, NP * 16] (the configured mr).
+template <int NP>
+static inline void amx_block(const uint16_t* buf, int64_t rows, const uint16_t* x, int64_t xs, float* tmp) {
+  constexpr int64_t P = kQuantKC * kPanelCols;  // elements between converted panels
+  _tile_zero(0);
+  if constexpr (NP > 1) _tile_zero(1);
+  if constexpr (NP > 2) _tile_zero(2);
+  if constexpr (NP > 3) _tile_zero(3);
+  for (int64_t k = 0; k < rows; k += kAmxK) {
+    const uint16_t* b = buf + k * kPanelCols;  // pair row k / 2
+    _tile_loadd(4, x + k, xs * 2);
+    _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (NP > 1) { _tile_loadd(6, b + P, 64); _tile_dpbf16ps(1, 4, 6); }
+    if constexpr (NP > 2) { _tile_loadd(7, b + 2 * P, 64); _tile_dpbf16ps(2, 4, 7); }
+    if constexpr (NP > 3) { _tile_loadd(5, b + 3 * P, 64); _tile_dpbf16ps(3, 4, 5); }
+  }
+  _tile_stored(0, tmp, NP * 64);
+  if constexpr (NP > 1) _tile_stored(1, tmp + 16, NP * 64);
+  if constexpr (NP > 2) _tile_stored(2, tmp + 32, NP * 64);
+  if constexpr (NP > 3) _tile_stored(3, tmp + 48, NP * 64);
+}
+
+// Panels [j0, j0 + NP) (bf16, int8 or int4) for all M rows, rows [k0, k1): each k block converted once
+// (convert_block), then 16 rows of M at a time on the tiles; sums added into the scratch (int4: times the
+// group's scale). cfg: the rows the tile configuration holds now (0: none loaded).
+template <int FMT, int NP>
+static void panel_group_amx(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss, int64_t& cfg) {
+  alignas(64) uint16_t buf[NP * kQuantKC * kPanelCols];
+  alignas(64) float tmp[16 * NP * kPanelCols];
+  const int64_t B = FMT == kInt4Panel ? p.group : kQuantKC;
+  for (int64_t kb = k0; kb < k1; kb += B) {
+    const int64_t ke = imin(kb + B, k1);
+    convert_block<FMT, NP>(p, kb, ke, j0, buf);
+    const float* gs = FMT == kInt4Panel ? p.scale + (kb / B) * p.n + j0 * kPanelCols : nullptr;
+    for (int64_t m0 = 0; m0 < p.m; m0 += 16) {
+      const int64_t mr = imin(16, p.m - m0);
+      if (mr != cfg) amx_config(cfg = mr);
+      amx_block<NP>(buf, ke - kb, p.xb + m0 * p.k + kb, p.k, tmp);
+      for (int64_t m = 0; m < mr; ++m)
+        for (int q = 0; q < NP; ++q) {
+          float* d = sc + (m0 + m) * ss + q * kPanelCols;
+          const __m512 t = V::load(tmp + m * NP * kPanelCols + q * kPanelCols);
+          V::store(d, gs ? V::fma(t, V::load(gs + q * kPanelCols), V::load(d)) : V::add(V::load(d), t));
+        }
+    }
+  }
+}
+
+// The rows of M from which the tiles run (below, run_block_bf16's vector kernels).
+constexpr int64_t kAmxMinM = 12;
+
+template <int FMT>
+static void run_amx(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+  int64_t cfg = 0;
+  for_panel_groups<4>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+    panel_group_amx<FMT, decltype(np)::value>(p, k0, k1, j, sc, ss, cfg);
+  });
+  _tile_release();
+}
+
+// Panels whose every k block is a whole number of 32-row tiles take the tiles (int4: groups of 32 k rows
+// or a multiple, at most kQuantKC); the rest, as on avx512bf16.
+static void run_block_amx(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, bool accumulate) {
+  const bool panels = p.fmt == kBF16Panel || p.fmt == kInt8Panel || (p.fmt == kInt4Panel && p.group <= kQuantKC);
+  const int64_t step = p.fmt == kInt4Panel ? p.group : kAmxK;
+  if (!panels || p.xb == nullptr || p.m < kAmxMinM || step % kAmxK || k0 % kAmxK || (k1 - k0) % kAmxK ||
+      (p.fmt != kInt4Panel && kQuantKC % kAmxK))
+    return run_block_bf16(p, k0, k1, c0, c1, acc, accumulate);
+  if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
+  if (p.fmt == kBF16Panel) run_amx<kBF16Panel>(p, k0, k1, c0, c1, acc);
+  else if (p.fmt == kInt8Panel) run_amx<kInt8Panel>(p, k0, k1, c0, c1, acc);
+  else run_amx<kInt4Panel>(p, k0, k1, c0, c1, acc);
+}
+#endif
+
+#ifdef ER_NATIVE_AMX
+const Kernels kTable = {"amx", kAmx, kNV1 * V::W, kKR, run_block_amx, attend, sample_row};
+#else
 const Kernels kTable = {"avx512bf16", kAvx512Bf16, kNV1 * V::W, kKR, run_block_bf16, attend, sample_row};
+#endif
 #endif
 
 }  // namespace
 }  // namespace er_native
 
-#ifndef ER_NATIVE_AVX512_BF16
-extern "C" const er_native::Kernels* er_native_kernels_avx512() { return &er_native::kTable; }
-#else
+#if defined(ER_NATIVE_AMX)
+extern "C" const er_native::Kernels* er_native_kernels_amx() { return &er_native::kTable; }
+#elif defined(ER_NATIVE_AVX512_BF16)
 extern "C" const er_native::Kernels* er_native_kernels_avx512bf16() { return &er_native::kTable; }
+#else
+extern "C" const er_native::Kernels* er_native_kernels_avx512() { return &er_native::kTable; }
 #endif

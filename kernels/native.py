@@ -39,7 +39,7 @@ from er_jax.quant import QuantArray
 from er_jax.sampling import sample as gumbel_sample
 from er_jax.sampling import sample_inverse_cdf_reference, uniforms
 
-ISAS = {"portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
+ISAS = {"portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4, "amx": 5}
 # The kernels' domain: M = product of x's leading dimensions (rows x positions) up to MAX_M.
 MAX_M = 256
 # Without an explicit `isa=`, rows beyond these go to XLA (dense: Eigen's f32 GEMM; quantized: dequantize

@@ -124,9 +124,10 @@ def test_panel_matmul_exact_on_integer_data():
 
 
 @needs_native
-@pytest.mark.parametrize("k", [300, 301])  # even; odd (the vdpbf16ps kernel's single last row)
+@pytest.mark.parametrize("k", [300, 301, 256])  # even; odd (the vdpbf16ps kernel's single last row); AMX tiles
 def test_bf16_activations_exact_on_integer_data(k):
-    """bf16 x times bf16 panels (the avx512bf16 ISA's vdpbf16ps kernel, where the CPU has it), on exact sums:
+    """bf16 x times bf16 panels (the avx512bf16 ISA's vdpbf16ps kernel and the amx ISA's tiles, where the CPU
+    has them), on exact sums:
     bf16 x gives numpy's product rounded once to bf16, and f32 x holding bf16 values (the LM head's case,
     which that kernel also takes) numpy's product exactly, on every ISA, across k blocks and M tiles."""
     rng = np.random.default_rng(k)
@@ -140,6 +141,29 @@ def test_bf16_activations_exact_on_integer_data(k):
         assert yb.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(yb.astype(jnp.float32)), want_bf16, err_msg=isa)
         np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa, isa=isa)), want, err_msg=isa)
+
+
+@needs_native
+@pytest.mark.parametrize("k", [256, 300])  # whole 32-row tiles (AMX) or not
+@pytest.mark.parametrize("rows", [5, 12, 150])  # below the tiles' threshold, one partial M tile, 10 tiles
+def test_quantized_panels_with_bf16_activations_exact_on_integer_data(k, rows):
+    """int8 / int4 panels times bf16 x (the vdpbf16ps and AMX paths convert the codes to bf16, int4's as
+    code - zero), on exact sums: numpy's product rounded once to bf16, on every ISA."""
+    rng = np.random.default_rng(k + rows)
+    x = rng.integers(-3, 4, (2, rows, k)).astype(np.float32)
+    codes = rng.integers(-127, 128, (k, 208)).astype(np.int8)
+    pa8 = pack(QuantArray(jnp.asarray(codes), jnp.full((1, 208), 0.5), None, "int8", k))
+    g = -(-k // 128)  # int4: any bytes and zero points, a power-of-two scale (the reference is exact)
+    q4 = QuantArray(jnp.asarray(rng.integers(0, 256, (64 * g, 208)), jnp.uint8), jnp.full((g, 208), 0.5),
+                    jnp.asarray(rng.integers(0, 16, (g, 208)), jnp.uint8), "int4", k)
+    w4 = np.asarray(dequantize(q4, jnp.float32), np.float64)
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+    for isa in _isas():
+        xb = jnp.asarray(x, jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(native.matmul(xb, pa8, isa=isa).astype(jnp.float32)),
+                                      bf(x @ codes * 0.5), err_msg=isa)
+        np.testing.assert_array_equal(np.asarray(native.matmul(xb, pack(q4), isa=isa).astype(jnp.float32)),
+                                      bf(x @ w4), err_msg=isa)
 
 
 @needs_native
