@@ -13,8 +13,9 @@ float dtypes (f16), more rows than `AUTO_MAX_M` (XLA is faster there), empty ope
 or an extension that is not built. Malformed input (non-float x, wrong ranks, K mismatch) raises ValueError.
 
 The kernels pick an ISA at load time (AVX-512 / AVX2 / portable, best the CPU runs and that passes a
-start-up self-check; "avx512bf16" is the AVX-512 path plus vdpbf16ps for bf16 activations times bf16
-weights); `ER_JAX_NATIVE_ISA=avx512bf16|avx512|avx2|portable` forces one, and the `isa=` keyword of
+start-up self-check; "avx512bf16" is the AVX-512 path plus vdpbf16ps for bf16 activations times bf16 / int8 /
+int4 panels, the default only on AMD; "amx" adds AMX tiles for those at 12+ rows); the env var
+`ER_JAX_NATIVE_ISA=amx|avx512bf16|avx512|avx2|portable` forces one, and the `isa=` keyword of
 `matmul` / `quant_matmul` selects one per call (tests, benchmarks). Threads: XLA's own intra-op pool by
 default (`ER_JAX_NATIVE_POOL=own` for a private pool sized from the CPU affinity).
 """
