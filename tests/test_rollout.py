@@ -75,7 +75,10 @@ def test_greedy_speculative_equals_plain_in_both_layouts(layout):
     out = SpecRollout(cfg, w, mode="sd", draft_length=3, **kw).generate(prompts, rc)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    # f32 log-probs from 1-row decode vs multi-row verify steps: other kernels, other f32 summation orders
+    # (seen: 1.1e-5 on the Intel VM of 2026-12-02, identical with the avx512 path forced); 5e-5 is still
+    # ~1000x below any log-prob gap a wrong token or position would make.
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=5e-5)
     assert out.stats["sd_steps"] > 0
 
 
