@@ -170,7 +170,7 @@ static void panel_group_dp(const Problem& p, int64_t k0, int64_t k1, int64_t j0,
 // code - zero: integers of at most 8 bits, exact in bf16), and every M tile runs vdpbf16ps on it: the products
 // are those of the f32 kernels on the same x (exact), only the order of the f32 sums differs. int4's block is
 // one group, its scale applied to the group's sums; int8's per-column scale stays in finalize(). K is even.
-constexpr int64_t kQuantKC = 128;  // rows per converted block: NP x 4 KiB of bf16
+constexpr int64_t kQuantKC = 128;  // rows per converted block (a multiple of AMX's 32): NP x 4 KiB of bf16
 
 template <int FMT, int NP>
 static inline void convert_block(const Problem& p, int64_t k0, int64_t k1, int64_t j0, uint16_t* buf) {
@@ -336,8 +336,7 @@ static void run_amx(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_
 static void run_block_amx(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc, bool accumulate) {
   const bool panels = p.fmt == kBF16Panel || p.fmt == kInt8Panel || (p.fmt == kInt4Panel && p.group <= kQuantKC);
   const int64_t step = p.fmt == kInt4Panel ? p.group : kAmxK;
-  if (!panels || p.xb == nullptr || p.m < kAmxMinM || step % kAmxK || k0 % kAmxK || (k1 - k0) % kAmxK ||
-      (p.fmt != kInt4Panel && kQuantKC % kAmxK))
+  if (!panels || p.xb == nullptr || p.m < kAmxMinM || step % kAmxK || k0 % kAmxK || (k1 - k0) % kAmxK)
     return run_block_bf16(p, k0, k1, c0, c1, acc, accumulate);
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
   if (p.fmt == kBF16Panel) run_amx<kBF16Panel>(p, k0, k1, c0, c1, acc);
