@@ -195,9 +195,18 @@ def main():
                         runs.append(rec)
                         print(f"{dtype} bind={bind} {w} rep {rep} {sysname:16s} {rec['tokens_per_s']:8.1f} tok/s "
                               f"({r['tokens']} tokens, {r['wall_s']:.2f} s, load {load[0]:.2f})", flush=True)
+                    summarize(res, runs, args)
                     write_json(args.out, res)
             v.close()
-    # greedy agreement and the summary table
+    summarize(res, runs, args)
+    print(json.dumps({k: res[k] for k in ("summary_tokens_per_s", "ratios_median", "greedy_agreement_with_er_jax_ar")},
+                     indent=1))
+    print("wrote", write_json(args.out, res))
+
+
+def summarize(res: dict, runs: list, args) -> None:
+    """Medians / fastest per system, greedy agreement and ratios over the best vLLM binding, into res (from
+    the timed rounds so far: a run stopped early keeps the summary of what it finished)."""
     summary = {}
     for rec in runs:
         if rec["rep"] == 0:
@@ -226,8 +235,6 @@ def main():
                 if best_v and k in res["summary_tokens_per_s"]:
                     ratios[k + "_over_best_vllm"] = res["summary_tokens_per_s"][k]["median"] / best_v
     res["ratios_median"] = ratios
-    print(json.dumps({"summary": res["summary_tokens_per_s"], "ratios": ratios, "agreement": agree}, indent=1))
-    print("wrote", write_json(args.out, res))
 
 
 if __name__ == "__main__":
