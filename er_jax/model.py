@@ -95,6 +95,12 @@ def logits_from_hidden(config: ModelConfig, weights, x, ex: Execution = DEFAULT_
     return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
 
 
+def embed_rows(table, tokens, dtype):
+    """table[tokens] as `dtype`. A uint16 table holds bf16 bits (the native layout's, er_jax.panels.pack_weights)."""
+    rows = table[tokens]
+    return (jax.lax.bitcast_convert_type(rows, jnp.bfloat16) if rows.dtype == jnp.uint16 else rows).astype(dtype)
+
+
 def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, *,
             logit_index=None, ex: Execution = DEFAULT_EXECUTION):
     """Run the decoder on `tokens` (int [B, T]).
@@ -107,7 +113,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     `ex`: how the ops run (backend, mesh; see er_jax.execution); the layer layout is read off `weights`.
     """
     b, t = tokens.shape
-    x = weights["embed"][tokens].astype(config.jnp_dtype)
+    x = embed_rows(weights["embed"], tokens, config.jnp_dtype)
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 

@@ -127,7 +127,9 @@ class SpecRollout:
             self.drafter_bytes = projection_bytes(drafter) + head_bytes(drafter)
             if self.mesh is not None:
                 drafter = sharding.shard_weights(drafter, self.mesh)
-            self.drafter = jax.block_until_ready(execution_layout(drafter, self.ex, self.weights.get("lm_head_p")))
+            drafter = execution_layout(drafter, self.ex, self.weights.get("lm_head_p"))
+            drafter["embed"] = self.weights["embed"]  # shared with the target in its layout too (not a 2nd copy)
+            self.drafter = jax.block_until_ready(drafter)
             self.derive_seconds.append(time.perf_counter() - t0)
 
     def _policy_for(self, policy: controller.Policy | None) -> controller.Policy:
