@@ -136,7 +136,10 @@ def test_bf16_native_rollout_is_bf16_throughout():
     cfg = cfg.replace(dtype="bfloat16")
     r = _rollout(cfg, _bf16(w), "sd", "native")
     assert r.kernels == "native"
-    assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves(r.weights))
+    rest = {k: v for k, v in r.weights.items() if k != "embed"}
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves(rest))
+    assert r.weights["embed"].dtype == jnp.uint16  # the bf16 table's bits (er_jax.panels.pack_weights)
+    assert r.drafter["embed"] is r.weights["embed"]  # shared, not a second copy
     out = r.generate(PROMPTS, RolloutConfig(temperature=1.0))
     assert (out.lengths == 12).all() and np.isfinite(out.logprobs).all()
 
