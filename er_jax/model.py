@@ -91,14 +91,18 @@ def logits_from_hidden(config: ModelConfig, weights, x, ex: Execution = DEFAULT_
         return ex.op("quant_matmul")(x.astype(jnp.float32), weights["lm_head_q"], ex=ex, name="lm_head")
     if weights.get("lm_head_p") is not None:
         return ex.op("matmul")(x.astype(jnp.float32), weights["lm_head_p"], ex=ex, name="lm_head")
-    head = weights["embed"].T if config.tie_embeddings else weights["lm_head"]
+    head = _float_table(weights["embed"]).T if config.tie_embeddings else weights["lm_head"]
     return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
 
 
+def _float_table(a):
+    """A uint16 embedding holds bf16 bits (the native layout's, er_jax.panels.pack_weights)."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
 def embed_rows(table, tokens, dtype):
-    """table[tokens] as `dtype`. A uint16 table holds bf16 bits (the native layout's, er_jax.panels.pack_weights)."""
-    rows = table[tokens]
-    return (jax.lax.bitcast_convert_type(rows, jnp.bfloat16) if rows.dtype == jnp.uint16 else rows).astype(dtype)
+    """table[tokens] as `dtype`, the rows gathered before any conversion (see _float_table)."""
+    return _float_table(table[tokens]).astype(dtype)
 
 
 def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, *,

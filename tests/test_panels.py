@@ -13,7 +13,7 @@ import pytest
 from er_jax.execution import Execution
 from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
-from er_jax.model import embed_rows, execution_layout, forward, unstack_layers
+from er_jax.model import embed_rows, execution_layout, forward, logits_from_hidden, unstack_layers
 from er_jax.panels import FUSED, PANEL, PanelArray, can_pack, concat, pack, pack_weights, unpack
 from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
 from er_jax.cache import init_cache
@@ -258,6 +258,13 @@ def test_bf16_embedding_is_packed_as_bits_and_gathered_without_a_table_conversio
     got = embed_rows(packed["embed"], tokens, jnp.float32)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(w["embed"][tokens].astype(jnp.float32)))
     assert execution_layout(w, Execution("xla", None, "unstacked"))["embed"].dtype == jnp.bfloat16
+    # a tied head read from the bits (no packed head: the einsum fallback) is the bf16 table's
+    cft, wt = tiny_model(tie_embeddings=True)
+    wt = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, wt)
+    bits = {k: v for k, v in execution_layout(wt, Execution("native", None, "unstacked")).items() if k != "lm_head_p"}
+    h = jax.random.normal(jax.random.key(2), (2, cft.hidden_size)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(logits_from_hidden(cft, bits, h)),
+                                  np.asarray(logits_from_hidden(cft, {**bits, "embed": wt["embed"]}, h)))
 
     def loop(table, tok):
         def body(_, c):
