@@ -499,16 +499,20 @@ struct Plan {
 // blocks only, ~4 per thread, each with all of K.
 Plan plan(const Kernels* kern, const Problem& p, int64_t threads, size_t weight_bytes) {
   Plan pl{};
-  const int64_t align = kern->col_align;  // a multiple of kPanelCols
+  const bool panels = p.fmt >= kF32Panel;  // sequential streams: columns only
+  // Panels at M >= 3 (compute-bound) are split at their M >= 3 tile's width into ~8 blocks per thread: at
+  // the widest (M = 1) tile's, 4 panels on AVX2, a 576-column matrix made 5 blocks for 2 threads (one idle
+  // for a fifth of the call; docs/cpu_profile.md, "Afternoon, 2026-12-03").
+  const bool fine = panels && p.m >= 3 && kern->panel_align < kern->col_align;
+  const int64_t align = fine ? kern->panel_align : kern->col_align;  // a multiple of kPanelCols
   const int64_t kalign = p.fmt == kInt4 ? p.group : kern->k_align;
   pl.threads = static_cast<int64_t>(weight_bytes) < threading().min_bytes ? 1 : threads;
   const int64_t T = pl.threads;
   const int64_t cw_max = std::max<int64_t>(align, kAccFloats / p.m / align * align);
   const int64_t max_blocks = (p.n + align - 1) / align;
   int64_t nc = (p.n + cw_max - 1) / cw_max;
-  const bool panels = p.fmt >= kF32Panel;  // sequential streams: columns only
   const bool ksplit = T > 1 && p.m <= kMaxKSplitM && !panels;
-  if (T > 1 && !ksplit) nc = std::max(nc, 4 * T);
+  if (T > 1 && !ksplit) nc = std::max(nc, (fine ? 8 : 4) * T);
   nc = std::max<int64_t>(1, std::min(nc, max_blocks));
   pl.cw = (p.n + nc - 1) / nc;
   pl.cw = (pl.cw + align - 1) / align * align;

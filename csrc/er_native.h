@@ -60,6 +60,7 @@ struct Kernels {
   const char* name;
   int32_t isa;
   int64_t col_align;  // column blocks start at multiples of this (the widest register tile)
+  int64_t panel_align;  // ... and panel-major ones at M >= 3 at multiples of this (that tile's width)
   int64_t k_align;    // row blocks (other than int4's whole groups) start at multiples of this
   RunBlockFn run_block;
   AttendFn attend;

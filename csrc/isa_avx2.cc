@@ -76,7 +76,7 @@ constexpr int kPNP1 = 4, kPNP2 = 2, kPMRB = 6, kPNPB = 1;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kKR, run_block, attend, sample_row};
+const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row};
 
 }  // namespace
 }  // namespace er_native

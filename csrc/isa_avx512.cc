@@ -69,7 +69,7 @@ constexpr int kPNP1 = 8, kPNP2 = 4, kPMRB = 6, kPNPB = 4;
 #include "kernel_impl.h"
 
 #ifndef ER_NATIVE_AVX512_BF16
-const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kKR, run_block, attend, sample_row};
+const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row};
 #else
 // ---------------------------------------------------------------------------------------------------
 // bf16 x times bf16 panel weights with vdpbf16ps: one instruction does 16 lanes x 2 multiply-adds, lane i
@@ -346,9 +346,9 @@ static void run_block_amx(const Problem& p, int64_t k0, int64_t k1, int64_t c0, 
 #endif
 
 #ifdef ER_NATIVE_AMX
-const Kernels kTable = {"amx", kAmx, kNV1 * V::W, kKR, run_block_amx, attend, sample_row};
+const Kernels kTable = {"amx", kAmx, kNV1 * V::W, kNV1 * V::W, kKR, run_block_amx, attend, sample_row};
 #else
-const Kernels kTable = {"avx512bf16", kAvx512Bf16, kNV1 * V::W, kKR, run_block_bf16, attend, sample_row};
+const Kernels kTable = {"avx512bf16", kAvx512Bf16, kNV1 * V::W, kNV1 * V::W, kKR, run_block_bf16, attend, sample_row};
 #endif
 #endif
 

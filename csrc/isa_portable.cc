@@ -61,7 +61,7 @@ constexpr int kPNP1 = 4, kPNP2 = 2, kPMRB = 4, kPNPB = 1;  // panel-major weight
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kKR, run_block, attend, sample_row};
+const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row};
 
 }  // namespace
 }  // namespace er_native
