@@ -761,9 +761,16 @@ static void attend(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, in
 
 // ---------------------------------------------------------------------------------------------------
 // Sampling (er_native.cc's sample_impl): one draw from p_j proportional to exp(logw_j - max) by inverse
-// CDF: w_j = vexp_nonpositive(logw_j - max) into buf (f32; exactly 0 for -inf), then the first j whose
-// running f64 sum exceeds u * total. Both sums add the same f32 terms in the same order, so the scan
-// always stops (u < 1). Returns -1 when the row has no finite maximum (all -inf or NaN).
+// CDF: w_j = vexp_nonpositive(logw_j - max) into buf (f32; exactly 0 for -inf), f64 sums of blocks of
+// kSampleBlock weights (four interleaved partial sums, which the compiler may keep in one vector), the
+// total = the block sums added in order, then the block where the running sum of block sums first exceeds
+// u * total — the same additions as the total's, so a block is always found (u < 1) — and in it the first
+// j whose running f64 sum exceeds it. (Before: one f64 sum chain per entry for the total and for the scan,
+// 3.9 ms for 64 rows of 49152.) Should the in-block sum, added in another order than the block's sum,
+// stop short, the block's last nonzero weight is drawn: the f64 rounding of a block's sum, ~1e-16 of
+// the total. Returns -1 when the row has no finite maximum (all -inf or NaN).
+constexpr int64_t kSampleBlock = 64;
+
 static int32_t sample_row(const float* logw, int64_t n, float u, float* buf) {
   if (n <= 0) return -1;
   const int64_t nv = n - n % V::W;
@@ -777,16 +784,33 @@ static int32_t sample_row(const float* logw, int64_t n, float u, float* buf) {
   for (int64_t j = 0; j < nv; j += V::W) V::store(buf + j, vexp_nonpositive(V::add(V::load(logw + j), neg_m)));
   V::store(tail, vexp_nonpositive(V::add(V::load(tail), neg_m)));
   for (int64_t j = nv; j < n; ++j) buf[j] = tail[j - nv];
+  const int64_t nb = (n + kSampleBlock - 1) / kSampleBlock;
+  thread_local std::vector<double> bsv;
+  if (static_cast<int64_t>(bsv.size()) < nb) bsv.resize(nb);
+  double* bs = bsv.data();
   double total = 0.0;
-  for (int64_t j = 0; j < n; ++j) total += buf[j];
+  for (int64_t i = 0; i < nb; ++i) {
+    const float* w = buf + i * kSampleBlock;
+    const int64_t len = imin(kSampleBlock, n - i * kSampleBlock);
+    double a[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t j = 0;
+    for (; j + 4 <= len; j += 4)
+      for (int q = 0; q < 4; ++q) a[q] += w[j + q];
+    for (; j < len; ++j) a[0] += w[j];
+    bs[i] = (a[0] + a[1]) + (a[2] + a[3]);
+    total += bs[i];
+  }
   const double target = static_cast<double>(u) * total;
   double cum = 0.0;
+  int64_t i = 0;
+  for (; i + 1 < nb && !(cum + bs[i] > target); ++i) cum += bs[i];  // the last block: cum + bs = total > target
+  const int64_t j0 = i * kSampleBlock, j1 = imin(n, j0 + kSampleBlock);
   int32_t last = -1;
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     if (buf[j] == 0.f) continue;
     cum += buf[j];
     last = static_cast<int32_t>(j);
     if (cum > target) return last;
   }
-  return last;  // not reached: cum ends at total > target
+  return last;
 }
