@@ -9,7 +9,7 @@
 //   er_jax_native_int4(x, data, scale, zero)  -> y   data uint8 [..., Kp/2, N], scale f32 / zero uint8
 //                                                    [..., Kp/G, N] (er_jax.quant.QuantArray's layout)
 //   er_jax_native_attention(q, k, v, q_pos, layer) -> o   attention over the cache, read in place (below)
-//   er_jax_native_sample(logw, u)             -> tok  inverse-CDF sampling, one token per row (below)
+//   er_jax_native_sample(logw, u)             -> tok, logp  inverse-CDF sampling, one token per row (below)
 //   er_jax_native_kv_write(k_all, v_all, k, v, pos, layer) -> (k_all, v_all)   the KV cache write, in place
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
 // default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16, 5: amx) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
@@ -229,7 +229,9 @@ bool self_check(const Kernels* kern) {
   for (int64_t j = 0; j < n; ++j) {
     if (j == 3 || j == 20) continue;
     const float u = static_cast<float>((cdf[j] + cdf[j + 1]) / 2 / cdf[n]);
-    if (kern->sample_row(lw.data(), n, u, buf.data()) != j) return false;
+    double log_norm = 0.0;
+    if (kern->sample_row(lw.data(), n, u, buf.data(), &log_norm) != j) return false;
+    if (std::fabs(log_norm - (m + std::log(cdf[n]))) > 1e-5) return false;
   }
   return true;
 }
@@ -849,33 +851,39 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
 // ---------------------------------------------------------------------------------------------------
 // Sampling: logw f32 [B, V] (each row's log-probabilities, or any log-weights), u f32 [B] in [0, 1)
 //   -> token int32 [B]: the first j with sum_{i <= j} w_i > u_b * sum_i w_i, w = exp(logw_b - max_b)
-//   (kernel_impl.h's sample_row: vector exp, f64 sums). A row without a finite maximum gets token 0.
+//   (kernel_impl.h's sample_row: vector exp, f64 sums), and its log-prob f32 [B], logw_j - log(sum_i w_i)
+//   - max_b (so the caller need not normalize the row first). A row without a finite maximum gets token 0
+//   and log-prob NaN.
 // One pass over the row instead of XLA's V Gumbel draws (threefry bits and two logs per entry): at
 // V = 49152 that was 2.6 ms per row at batch 1 (docs/cpu_profile.md).
 
 ffi::Error sample_impl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> logw, ffi::Buffer<ffi::F32> u,
-                       ffi::Result<ffi::Buffer<ffi::S32>> tok, int32_t isa, int32_t max_threads) {
+                       ffi::Result<ffi::Buffer<ffi::S32>> tok, ffi::Result<ffi::Buffer<ffi::F32>> logp,
+                       int32_t isa, int32_t max_threads) {
   const auto ld = logw.dimensions(), ud = u.dimensions();
   if (ld.size() != 2 || ud.size() != 1 || ud[0] != ld[0] || tok->dimensions().size() != 1 ||
-      tok->dimensions()[0] != ld[0])
-    return invalid("sample: want logw [B, V], u [B] -> tokens [B]; got logw " + dims_str(ld) + ", u " + dims_str(ud));
+      tok->dimensions()[0] != ld[0] || logp->dimensions().size() != 1 || logp->dimensions()[0] != ld[0])
+    return invalid("sample: want logw [B, V], u [B] -> tokens [B], log-probs [B]; got logw " + dims_str(ld) +
+                   ", u " + dims_str(ud));
   const Kernels* kern = nullptr;
   if (ffi::Error e = select_kernels(isa, kern); e.failure()) return e;
   const int64_t B = ld[0], n = ld[1];
   if (n > (int64_t{1} << 31) - 1) return invalid("sample: more than 2^31 - 1 entries per row");
   const float *w = logw.typed_data(), *uu = u.typed_data();
   int32_t* out = tok->typed_data();
+  float* lp = logp->typed_data();
   const int64_t threads = call_threads(tp, max_threads);
   parallel_chunks(threading().use_xla ? &tp : nullptr, threads, B, [&](int64_t b, int) {
     thread_local std::vector<float> buf;
     if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-    const int32_t t = kern->sample_row(w + b * n, n, uu[b], buf.data());
+    double log_norm = 0.0;
+    const int32_t t = kern->sample_row(w + b * n, n, uu[b], buf.data(), &log_norm);
     out[b] = t < 0 ? 0 : t;
+    lp[b] = t < 0 ? NAN : static_cast<float>(static_cast<double>(w[b * n + t]) - log_norm);
   });
   return ffi::Error::Success();
 }
 
-// ---------------------------------------------------------------------------------------------------
 // The KV cache write: k_all / v_all [L, B, S, KV, hd] (f32 or bf16, aliased to the outputs, so the write is
 // in place), k / v [B, T, KV, hd] of the cache's dtype, pos int32 [B, T], layer int32 []:
 // k_all[layer, b, pos[b, t]] = k[b, t] (and v), with jnp's `.at[].set` index rules — a negative position
@@ -996,6 +1004,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_sample, er_native::sample_impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("threads"));
 

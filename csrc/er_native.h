@@ -53,8 +53,9 @@ struct AttnProblem {
 // Query rows [r0, r1) (row = t * G + g) of batch row b, for each KV head in [kv0, kv1).
 typedef void (*AttendFn)(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1);
 
-// Inverse-CDF sampling of one row of n log-weights (see sample_impl in er_native.cc); buf holds n floats.
-typedef int32_t (*SampleRowFn)(const float* logw, int64_t n, float u, float* buf);
+// Inverse-CDF sampling of one row of n log-weights (see sample_impl in er_native.cc); buf holds n floats;
+// *log_norm = the row's log-normalizer log(sum_j exp(logw_j)) (when the row has a finite maximum).
+typedef int32_t (*SampleRowFn)(const float* logw, int64_t n, float u, float* buf, double* log_norm);
 
 struct Kernels {
   const char* name;

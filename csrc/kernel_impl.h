@@ -768,10 +768,11 @@ static void attend(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, in
 // j whose running f64 sum exceeds it. (Before: one f64 sum chain per entry for the total and for the scan,
 // 3.9 ms for 64 rows of 49152.) Should the in-block sum, added in another order than the block's sum,
 // stop short, the block's last nonzero weight is drawn: the f64 rounding of a block's sum, ~1e-16 of
-// the total. Returns -1 when the row has no finite maximum (all -inf or NaN).
+// the total. *log_norm = max + log(total), so the drawn token's log-prob is logw_j - *log_norm. Returns -1
+// when the row has no finite maximum (all -inf or NaN).
 constexpr int64_t kSampleBlock = 64;
 
-static int32_t sample_row(const float* logw, int64_t n, float u, float* buf) {
+static int32_t sample_row(const float* logw, int64_t n, float u, float* buf, double* log_norm) {
   if (n <= 0) return -1;
   const int64_t nv = n - n % V::W;
   alignas(64) float tail[V::W];
@@ -800,6 +801,7 @@ static int32_t sample_row(const float* logw, int64_t n, float u, float* buf) {
     bs[i] = (a[0] + a[1]) + (a[2] + a[3]);
     total += bs[i];
   }
+  *log_norm = static_cast<double>(m) + std::log(total);
   const double target = static_cast<double>(u) * total;
   double cum = 0.0;
   int64_t i = 0;

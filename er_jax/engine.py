@@ -24,7 +24,6 @@ from er_jax.controller import StepRecord, step_intensity
 from er_jax.execution import Execution
 from er_jax.model import forward
 from er_jax.sharding import cache_sharding, global_decision, replicated, rows_sharding, to_host
-from er_jax.sampling import log_probs, reported_log_probs, token_logprob
 from er_jax.speculative import draft, verify
 
 MAX_DRAFT = 16  # the largest γ the engine supports (the cache keeps this much headroom)
@@ -144,10 +143,7 @@ def _step_keys(st: DecodeState):
 
 def ar_step(spec: StepSpec, weights, st: DecodeState):
     logits, cache = forward(spec.config, weights, st.last[:, None], st.cache, ex=spec.ex)
-    logits = logits[:, 0]
-    tok = spec.ex.op("sample")(_step_keys(st), log_probs(logits, spec.sampling), ex=spec.ex,
-                               greedy=spec.sampling.greedy)
-    lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
+    tok, lp = spec.ex.op("sample_logits")(_step_keys(st), logits[:, 0], spec.sampling, ex=spec.ex)
     ones = jnp.ones_like(st.n_gen)
     return _emit(spec, st, tok[:, None], lp[:, None], ones, cache), jnp.zeros_like(st.n_gen)
 
@@ -177,9 +173,7 @@ def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens, src)
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, jnp.take(part, src, axis=1), 0, axis=2)
     k, v = put(st.cache.k, fresh.k), put(st.cache.v, fresh.v)
     lens = jnp.where(st.done, 1, jnp.take(prompt_lens, src))
-    tok = spec.ex.op("sample")(_step_keys(st), log_probs(logits, spec.sampling), ex=spec.ex,
-                               greedy=spec.sampling.greedy)
-    lp = token_logprob(reported_log_probs(logits, spec.sampling), tok)
+    tok, lp = spec.ex.op("sample_logits")(_step_keys(st), logits, spec.sampling, ex=spec.ex)
     st = dataclasses.replace(st, cache=KVCache(k, v, prefilled_lengths(lens)))
     return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(lens), st.cache)
 

@@ -27,13 +27,18 @@ def filter_logits(z, top_k: int | None, top_p: float):
     return z
 
 
+def sampling_logits(logits, sc: SamplingConfig):
+    """filter(z / T), f32 [..., V]: the sampled distribution's unnormalized log-weights (not for greedy)."""
+    return filter_logits(logits.astype(jnp.float32) / sc.temperature, sc.top_k, sc.top_p)
+
+
 def log_probs(logits, sc: SamplingConfig):
     """Log-probabilities of the distribution we sample from, f32 [..., V] (-inf where excluded)."""
-    z = logits.astype(jnp.float32)
     if sc.greedy:
+        z = logits.astype(jnp.float32)
         hot = jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.bool_)
         return jnp.where(hot, 0.0, -jnp.inf)
-    return jax.nn.log_softmax(filter_logits(z / sc.temperature, sc.top_k, sc.top_p), axis=-1)
+    return jax.nn.log_softmax(sampling_logits(logits, sc), axis=-1)
 
 
 def reported_log_probs(logits, sc: SamplingConfig):
@@ -49,6 +54,14 @@ def sample(keys, logp, greedy: bool = False):
     if greedy:
         return jnp.argmax(logp, axis=-1).astype(jnp.int32)
     return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
+
+
+def sample_logits_reference(keys, logits, sc: SamplingConfig, sample_op=None):
+    """One token per row from the distribution of logits [B, V] under `sc` (`log_probs`) and its reported
+    log-prob (`reported_log_probs`): (int32 [B], f32 [B]). `sample_op(keys, logp, greedy)` draws (default:
+    `sample`, Gumbel-max)."""
+    tok = (sample_op or sample)(keys, log_probs(logits, sc), sc.greedy)
+    return tok, token_logprob(reported_log_probs(logits, sc), tok)
 
 
 def uniforms(keys):

@@ -38,7 +38,8 @@ from er_jax.kernels.rejection import rejection_sample_reference
 from er_jax.panels import PANEL, PanelArray
 from er_jax.quant import QuantArray
 from er_jax.sampling import sample as gumbel_sample
-from er_jax.sampling import sample_inverse_cdf_reference, uniforms
+from er_jax.sampling import (sample_inverse_cdf_reference, sample_logits_reference, sampling_logits,
+                             token_logprob, uniforms)
 
 ISAS = {"portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4, "amx": 5}
 # The kernels' domain: M = product of x's leading dimensions (rows x positions) up to MAX_M.
@@ -303,16 +304,21 @@ def kv_write(k_all, v_all, k, v, positions, *, ex=None, layer):
         k_all, v_all, k, v, positions.astype(jnp.int32), jnp.asarray(layer, jnp.int32))
 
 
-def sample_inverse_cdf(u, logw, *, isa: str | None = None, threads: int | None = None):
+def sample_inverse_cdf(u, logw, *, isa: str | None = None, threads: int | None = None, with_logprob: bool = False):
     """`sample_inverse_cdf_reference(u, logw)` in one native pass per row (vector exp, f64 sums): u f32 [B],
-    logw f32 [B, V] -> int32 [B]. Other dtypes or ranks, no extension or a non-CPU backend: the reference."""
+    logw f32 [B, V] -> int32 [B]; with_logprob: (tokens, log-probs f32 [B]), the drawn token's log-prob under
+    softmax(logw) (logw need not be normalized). Other dtypes or ranks, no extension or a non-CPU backend: the
+    reference."""
     if logw.ndim != 2 or u.shape != logw.shape[:1]:
         raise ValueError(f"sample: want u [B] and logw [B, V], got u {tuple(u.shape)}, logw {tuple(logw.shape)}")
     if not (available() and platform() == "cpu" and logw.dtype == jnp.float32 and logw.shape[1] > 0):
-        return sample_inverse_cdf_reference(u, logw)
-    return jax.ffi.ffi_call("er_jax_native_sample", jax.ShapeDtypeStruct(u.shape, jnp.int32),
-                            vmap_method="sequential")(logw, u.astype(jnp.float32), isa=np.int32(_isa_code(isa)),
-                                                      threads=np.int32(threads or 0))
+        tok = sample_inverse_cdf_reference(u, logw)
+        return (tok, token_logprob(jax.nn.log_softmax(logw, axis=-1), tok)) if with_logprob else tok
+    tok, lp = jax.ffi.ffi_call("er_jax_native_sample", (jax.ShapeDtypeStruct(u.shape, jnp.int32),
+                                                        jax.ShapeDtypeStruct(u.shape, jnp.float32)),
+                               vmap_method="sequential")(logw, u.astype(jnp.float32), isa=np.int32(_isa_code(isa)),
+                                                         threads=np.int32(threads or 0))
+    return (tok, lp) if with_logprob else tok
 
 
 def sample(keys, logp, *, ex=None, greedy=False):
@@ -325,6 +331,16 @@ def sample(keys, logp, *, ex=None, greedy=False):
     return sample_inverse_cdf(uniforms(keys), logp.astype(jnp.float32))
 
 
+def sample_logits(keys, logits, sc, *, ex=None):
+    """The registry's `sample_logits` op (`sampling.sample_logits_reference`'s law): the token by inverse CDF
+    straight from the filtered, tempered logits, and its log-prob from the same pass — no normalized
+    [B, V] array (XLA's log_softmax of 64 x 49152 logits took 4.4-7 ms, more than the draw). Greedy, or no
+    native kernel here: the reference's composition with this backend's `sample`."""
+    if sc.greedy or not available() or platform() != "cpu":
+        return sample_logits_reference(keys, logits, sc, sample_op=lambda k, lp, greedy: sample(k, lp, greedy=greedy))
+    return sample_inverse_cdf(uniforms(keys), sampling_logits(logits, sc), with_logprob=True)
+
+
 def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex):
     """The reference's verification, its corrected token drawn by `sample` above."""
     return rejection_sample_reference(target_logits, draft_logits, draft_tokens, sc, keys,
@@ -332,4 +348,4 @@ def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)
 
 
 IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
-         "sample": sample, "rejection_sample": rejection_sample}
+         "sample": sample, "sample_logits": sample_logits, "rejection_sample": rejection_sample}

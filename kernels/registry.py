@@ -9,7 +9,9 @@ Ops and their uniform signatures (`ex` is the step's `er_jax.execution.Execution
   written (`er_jax.cache.write_layer`);
 - `rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)`: exact verification.
 - `sample(keys, logp, *, ex, greedy=False)`: one token per row from softmax(logp) (argmax when greedy); each
-  backend draws with its own method from the same keys (XLA: Gumbel-max, native: inverse CDF), same law.
+  backend draws with its own method from the same keys (XLA: Gumbel-max, native: inverse CDF), same law;
+- `sample_logits(keys, logits, sc, *, ex)`: (tokens, reported log-probs) from raw logits under a
+  SamplingConfig (`sampling.sample_logits_reference`: `sample` of `log_probs`), the decode steps' draw.
 
 A backend is a module with an `IMPLS` dict (any subset of the ops) and optionally `why_unavailable()`.
 An op a backend does not implement runs the XLA backend's (the plain-jnp reference). Adding a backend is

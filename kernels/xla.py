@@ -7,6 +7,7 @@ from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import dequant_matmul, matmul_reference
 from er_jax.kernels.rejection import rejection_sample_reference
 from er_jax.sampling import sample as gumbel_sample
+from er_jax.sampling import sample_logits_reference
 
 
 def matmul(x, w, *, ex, name=None):
@@ -35,5 +36,9 @@ def sample(keys, logp, *, ex, greedy=False):
     return gumbel_sample(keys, logp, greedy)
 
 
+def sample_logits(keys, logits, sc, *, ex):
+    return sample_logits_reference(keys, logits, sc)
+
+
 IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
-         "rejection_sample": rejection_sample, "sample": sample}
+         "rejection_sample": rejection_sample, "sample": sample, "sample_logits": sample_logits}
