@@ -884,6 +884,7 @@ ffi::Error sample_impl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> logw, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------
 // The KV cache write: k_all / v_all [L, B, S, KV, hd] (f32 or bf16, aliased to the outputs, so the write is
 // in place), k / v [B, T, KV, hd] of the cache's dtype, pos int32 [B, T], layer int32 []:
 // k_all[layer, b, pos[b, t]] = k[b, t] (and v), with jnp's `.at[].set` index rules — a negative position
