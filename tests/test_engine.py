@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from er_jax.config import SamplingConfig
-from er_jax.engine import Engine, batch_bucket, distinct_prompts, prompt_bucket
+from er_jax.engine import Engine, batch_bucket, batch_buckets, distinct_prompts, prompt_bucket
 from er_jax.model import forward
 from er_jax.quant import derive_drafter
 from er_jax.sampling import reported_log_probs, token_logprob
@@ -37,6 +37,10 @@ def check_logprobs(cfg, w, prompts, out, sc, tol=1e-4):
 
 def test_bucket_maps():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    # above 16 rows also 1.5x the powers of two
+    assert [batch_bucket(n) for n in (17, 24, 25, 33, 48, 49, 65, 97)] == [24, 24, 32, 48, 48, 64, 96, 128]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_buckets(48) == [1, 2, 4, 8, 16, 24, 32, 48]
     assert [prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 100, 129)] == [16, 16, 24, 24, 32, 48, 48, 64,
                                                                                     128, 192]
 

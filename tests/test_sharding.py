@@ -15,7 +15,7 @@ from er_jax.engine import batch_bucket
 
 
 def test_buckets_split_evenly_over_data_parallel_shards():
-    assert [batch_bucket(n, 4) for n in (1, 4, 5, 9, 16, 17)] == [4, 4, 8, 16, 16, 32]
+    assert [batch_bucket(n, 4) for n in (1, 4, 5, 9, 16, 17, 65, 97)] == [4, 4, 8, 16, 16, 32, 96, 128]
 
 
 def test_mesh_that_cannot_split_the_model_is_refused():
