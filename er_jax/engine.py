@@ -174,21 +174,64 @@ def sd_step(spec: StepSpec, gamma: int, weights, drafter, st: DecodeState):
     return _emit(spec, st, tokens, logps, n_acc + 1, cache), n_acc
 
 
-def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens, src):
-    """Feed the distinct padded prompts (int [U, P], lengths [U]) into a fresh P-position cache, copy prompt
-    `src[b]`'s entries into slot b of the state's cache (int [B]) and sample each slot's first token from its
-    prompt's last logits, with the slot's own key. Slots sharing a prompt (GRPO's G samples of it) cost one
-    prefill row between them. Padding slots (done from the start) get an empty cache row."""
-    fresh = init_cache(spec.config, prompts.shape[0], prompts.shape[1])
+def prefill(spec: StepSpec, weights, st: DecodeState, prompts, prompt_lens, src, prefix=None, prefix_len=None):
+    """Feed the distinct padded prompts (int [U, P], lengths [U]) into a fresh cache, copy prompt `src[b]`'s
+    entries into slot b of the state's cache (int [B]) and sample each slot's first token from its prompt's
+    last logits, with the slot's own key. Slots sharing a prompt (GRPO's G samples of it) cost one prefill
+    row between them. Padding slots (done from the start) get an empty cache row. With `prefix` (int [1, C],
+    its first `prefix_len` (int scalar) tokens real): the tokens every prompt starts with (`shared_prefix`),
+    fed once, their entries given to every row before `prompts` (each prompt's rest) follow them."""
+    u, p = prompts.shape
+    if prefix is None:
+        fresh = init_cache(spec.config, u, p)
+        start = 0
+    else:
+        one = init_cache(spec.config, 1, prefix.shape[1] + p)
+        _, one = forward(spec.config, weights, prefix, one, logit_index=jnp.zeros((1, 1), jnp.int32), ex=spec.ex)
+        rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (u,) + a.shape[2:])
+        start = prefix_len
+        fresh = KVCache(rows(one.k), rows(one.v), jnp.full((u,), start, jnp.int32))
     logits, fresh = forward(spec.config, weights, prompts, fresh, logit_index=(prompt_lens - 1)[:, None],
                             ex=spec.ex)
     logits = jnp.take(logits[:, 0], src, axis=0)
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, jnp.take(part, src, axis=1), 0, axis=2)
     k, v = put(st.cache.k, fresh.k), put(st.cache.v, fresh.v)
-    lens = jnp.where(st.done, 1, jnp.take(prompt_lens, src))
+    lens = jnp.where(st.done, 1, start + jnp.take(prompt_lens, src))
     tok, lp = spec.ex.op("sample_logits")(_step_keys(st), logits, spec.sampling, ex=spec.ex)
     st = dataclasses.replace(st, cache=KVCache(k, v, prefilled_lengths(lens)))
     return _emit(spec, st, tok[:, None], lp[:, None], jnp.ones_like(lens), st.cache)
+
+
+def shared_prefix(prompts: list[list[int]], rows: int, max_len: int) -> int:
+    """How many leading tokens the prefill feeds once for all `prompts` (the distinct ones; 0: none): their
+    longest common prefix, each keeping >= 1 token of its own (the one it samples from), where that computes
+    fewer positions for `rows` prefill rows than padding every prompt whole, within a `max_len` cache. Chat
+    prompts share their template's opening (SmolLM2's system prompt: ~30 of 36-44 tokens)."""
+    if len(prompts) < 2:
+        return 0
+    first, c = prompts[0], min(map(len, prompts)) - 1
+    for q in prompts[1:]:
+        c = next((i for i in range(c) if q[i] != first[i]), c)
+    longest = max(map(len, prompts))
+    cb, sb = prompt_bucket(c), prompt_bucket(longest - c)
+    return c if c > 0 and cb + rows * sb < rows * prompt_bucket(longest) and cb + sb <= max_len else 0
+
+
+def prefill_inputs(prompts: list[list[int]], rows: int, max_len: int, pad_id: int):
+    """The distinct `prompts`' prefill arguments for `rows` prefill rows (their batch bucket): the rest of each
+    after the shared prefix, padded (int [rows, P]), its lengths ([rows]; padding rows 1) and the prefix (int
+    [1, C] and its length, or None and 0)."""
+    c = shared_prefix(prompts, rows, max_len)
+    rest = [q[c:] for q in prompts]
+    lens = np.array([len(q) for q in rest], np.int32)
+    padded = np.full((rows, prompt_bucket(int(lens.max()))), pad_id, np.int32)
+    for i, q in enumerate(rest):
+        padded[i, : len(q)] = q
+    if c == 0:
+        return padded, prefill_lengths(lens, rows), None, 0
+    prefix = np.full((1, prompt_bucket(c)), pad_id, np.int32)
+    prefix[0, :c] = prompts[0][:c]
+    return padded, prefill_lengths(lens, rows), prefix, c
 
 
 def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
@@ -288,12 +331,16 @@ class Engine:
         return len(self._signatures)
 
     def warmup(self, weights, drafter, gammas, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-               prompt_lens=None, group_size: int = 1) -> int:
+               prompt_lens=None, group_size: int = 1, prompts=None) -> int:
         """Compile every step a rollout may need: prefill per (batch bucket, prompt bucket) for rows that
         come `group_size` to a prompt (GRPO's G; prefill runs once per distinct prompt), a step per (batch
-        bucket, γ in `gammas`) and every compaction between buckets. Returns executables added."""
+        bucket, γ in `gammas`) and every compaction between buckets. With `prompts` (token id lists; their
+        lengths are the default `prompt_lens`), also the prefill those prompts take (their shared prefix
+        fed once, `shared_prefix`). Returns executables added."""
         if int(group_size) < 1:
             raise ValueError(f"group_size must be >= 1 (rows per distinct prompt), got {group_size}")
+        if prompts is not None and prompt_lens is None:
+            prompt_lens = [len(q) for q in prompts]
         before = self.compile_count
         spec = StepSpec(self.config, sampling, tuple(eos_ids), self.ex, self.forced_acceptance)
         buckets = batch_buckets(self.max_batch, self.data_parallel)
@@ -305,6 +352,11 @@ class Engine:
                 st = self.initial_state(b, b, 0, limit, limit)
                 st = self.step("prefill", spec, 0, weights, st, self._put(jnp.zeros((u, pb), jnp.int32)),
                                self._put(jnp.ones((u,), jnp.int32)), self._put(jnp.zeros((b,), jnp.int32)))
+            if prompts is not None and b == batch_bucket(len(prompts), self.data_parallel):
+                distinct, src = distinct_prompts([list(map(int, q)) for q in prompts])
+                n = len(prompts)
+                st = self.initial_state(n, b, 0, limit[:n], limit[:n])
+                st = self._prefill_step(spec, weights, st, distinct, np.resize(src, b), 0)
             for g in gammas:
                 st, _ = self.step("ar" if g == 0 else "sd", spec, g, weights, drafter, st)
             for smaller in buckets[: buckets.index(b)]:
@@ -390,15 +442,16 @@ class Engine:
         (`prefill_lengths`); padding slots point at prompt 0."""
         bucket = batch_bucket(len(prompts), self.data_parallel)
         distinct, src = distinct_prompts(prompts)
-        plens = np.array([len(p) for p in distinct], np.int32)
-        padded = np.full((batch_bucket(len(distinct), self.data_parallel), prompt_bucket(int(plens.max()))),
-                         pad_id, np.int32)
-        for i, p in enumerate(distinct):
-            padded[i, : len(p)] = p
         st = self.initial_state(len(prompts), bucket, seed, max_new, min_new)
         src = np.concatenate([src, np.zeros(bucket - len(prompts), np.int32)])
-        return self.step("prefill", spec, 0, weights, st, self._put(jnp.asarray(padded)),
-                         self._put(jnp.asarray(prefill_lengths(plens, len(padded)))), self._put(jnp.asarray(src)))
+        return self._prefill_step(spec, weights, st, distinct, src, pad_id)
+
+    def _prefill_step(self, spec: StepSpec, weights, st: DecodeState, distinct, src, pad_id: int) -> DecodeState:
+        padded, lens, prefix, c = prefill_inputs(distinct, batch_bucket(len(distinct), self.data_parallel),
+                                                 self.max_len, pad_id)
+        shared = () if prefix is None else (self._put(jnp.asarray(prefix)), self._put(jnp.int32(c)))
+        return self.step("prefill", spec, 0, weights, st, self._put(jnp.asarray(padded)), self._put(jnp.asarray(lens)),
+                         self._put(jnp.asarray(src)), *shared)
 
     def _compact(self, spec: StepSpec, st: DecodeState, host: "_Host"):
         """When the live rows fit a smaller batch bucket, gather them into it: live slots first, then finished

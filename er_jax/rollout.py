@@ -182,16 +182,19 @@ class SpecRollout:
         return out
 
     def warmup(self, rollout_config: RolloutConfig | None = None, prompt_lens=None,
-               policy: controller.Policy | None = None, group_size: int = 1) -> int:
+               policy: controller.Policy | None = None, group_size: int = 1, prompts=None) -> int:
         """Pre-compile every (batch bucket, γ) step the policy (default: the rollout's own) may choose, every
         compaction, and prefill for the prompt buckets of `prompt_lens` (default: max_prompt_len) with
-        `group_size` rows per distinct prompt (GRPO's G: identical prompts are prefilled once). Returns the
+        `group_size` rows per distinct prompt (GRPO's G: identical prompts are prefilled once). `prompts`
+        (token id lists, as `generate` takes them): also the prefill of exactly these, whose shared opening
+        is fed once (`engine.shared_prefix`); their lengths are then the default `prompt_lens`. Returns the
         executables added."""
         rc = rollout_config or RolloutConfig()
         policy = self._policy_for(policy)
         eos = self.config.eos_ids if rc.eos_ids is None else rc.eos_ids
+        tokens = None if prompts is None else self._prompt_tokens(prompts, rc)
         return self.engine.warmup(self.weights, self.drafter, policy.gammas(), rc.sampling, eos, prompt_lens,
-                                  group_size)
+                                  group_size, tokens)
 
     def get_per_token_logps(self, prompt_tokens, completion_tokens, temperature: float = 1.0,
                             top_k: int | None = None, top_p: float = 1.0):

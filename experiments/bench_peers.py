@@ -111,7 +111,7 @@ def er_jax_runner(m, ids_all, mode: str, kernels: str):
                                    max_prompt_len=max(map(len, rows)), max_new_tokens=wl["max_tokens"], mode=mode,
                                    drafter="int8", draft_length=7, kernels=kernels)
             rc = er_jax.RolloutConfig(temperature=wl["temperature"], seed=seed, eos_ids=None if wl["eos"] else ())
-            r.warmup(rc, prompt_lens=[len(i) for i in rows], group_size=wl["samples"])
+            r.warmup(rc, group_size=wl["samples"], prompts=rows)
             rollouts[key] = r
         r = rollouts[key]
         rc = er_jax.RolloutConfig(temperature=wl["temperature"], seed=seed,

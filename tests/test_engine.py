@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from er_jax.config import SamplingConfig
-from er_jax.engine import Engine, batch_bucket, batch_buckets, distinct_prompts, prompt_bucket
+from er_jax.engine import Engine, batch_bucket, batch_buckets, distinct_prompts, prompt_bucket, shared_prefix
 from er_jax.model import forward
 from er_jax.quant import derive_drafter
 from er_jax.sampling import reported_log_probs, token_logprob
@@ -118,6 +118,44 @@ def test_rows_sharing_a_prompt_are_prefilled_once(model):
         np.testing.assert_array_equal(greedy.tokens[i], alone.tokens[0])
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         eng.warmup(w, d, (0,), SamplingConfig(1.0), (3,), group_size=0)
+
+
+def test_shared_prefix_counts():
+    """Hand-counted: chat-like prompts (30 shared tokens + 6-14 of their own) feed the 30 once (32 + 16 x 16
+    positions instead of 16 x 48); never all of a prompt; not where it saves nothing or does not fit."""
+    head = list(range(100, 130))
+    chat = [head + [200 + n] * n for n in range(6, 15)] * 2  # 18 prompts (distinct or not: same answer)
+    assert shared_prefix(chat, 16, 512) == 30
+    assert shared_prefix(chat, 16, 47) == 0  # 32 + 16 positions do not fit a 47-position cache
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]], 2, 64) == 0  # 2 tokens: 16 + 2 x 16 > 2 x 16
+    assert shared_prefix([head, head + [7]], 2, 512) == 0  # 29 shared: 32 + 2 x 16 = 2 x 32
+    assert shared_prefix([head + [7], head + [7, 8]] * 4, 8, 512) == 30  # capped: each keeps >= 1 token
+    assert shared_prefix([head + [1]], 1, 512) == 0  # one prompt
+    assert shared_prefix([[1] + head, [2] + head], 2, 512) == 0  # first tokens differ
+
+
+def test_shared_prefix_is_fed_once(model):
+    """Prompts opening with the same 20 tokens: the prefill feeds those once ([1, 24] prefix) and every row
+    still carries its own prompt: emitted log-probs equal a teacher-forced recomputation of each whole
+    sequence, greedy rows equal their prompt decoded alone (no prefix to share), and warmup(prompts=)
+    compiles that prefill."""
+    cfg, w, d = model
+    head = [int(t) for t in np.random.default_rng(0).integers(1, cfg.vocab_size, 20)]
+    prompts = [head + [5], head + [8, 9, 10], head + [2, 3], head + [5], head + [4] * 6]
+    assert shared_prefix(distinct_prompts(prompts)[0], 4, 64) == 20
+    eng = Engine(cfg, max_batch=8, max_prompt_len=26, max_new_tokens=10)
+    added = eng.warmup(w, d, (0, 3), SamplingConfig(1.0), (3,), prompts=prompts)
+    prefix_shapes = {shape for (kind, *_), shapes in eng._signatures if kind == "prefill" for shape, _ in shapes}
+    assert (1, prompt_bucket(20)) in prefix_shapes and added > 0
+    warm = eng.compile_count
+    for gamma in (0, 3):
+        out = run(eng, w, d, prompts, SamplingConfig(1.0), gamma, seed=4, max_new=10)
+        check_logprobs(cfg, w, prompts, out, SamplingConfig(1.0))
+    assert eng.compile_count == warm, "warmup(prompts=) missed a shape"
+    greedy = run(eng, w, d, prompts, SamplingConfig(0.0), 0, max_new=10)
+    for i, p in enumerate(prompts):
+        alone = run(eng, w, d, [p], SamplingConfig(0.0), 0, max_new=10)
+        np.testing.assert_array_equal(greedy.tokens[i], alone.tokens[0])
 
 
 @pytest.mark.slow
