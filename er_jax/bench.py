@@ -105,7 +105,7 @@ def bench_rollout(m, *, prompts, lengths, max_new: int, modes: Sequence[str] = M
     group = n // len(distinct_prompts(prompts)[0])  # rows per distinct prompt (prefilled once)
     t0 = time.perf_counter()
     for mode in modes:  # each policy's γ set; the second and later calls add only what is missing
-        r.warmup(rc, prompt_lens=[len(p) for p in prompts], policy=policies[mode], group_size=group)
+        r.warmup(rc, policy=policies[mode], group_size=group, prompts=prompts)
     warmup_s = time.perf_counter() - t0
     compiled = r.compile_count
     log(f"warm-up: {compiled} executables in {warmup_s:.1f} s")

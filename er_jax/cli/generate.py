@@ -30,7 +30,7 @@ def cmd_generate(args) -> int:
                                  mode=args.mode, drafter=args.drafter, draft_length=args.draft_length,
                                  **({"drafter_head": args.drafter_head} if getattr(args, "drafter_head", None) else {}))
     rc = er_jax.RolloutConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    rollout.warmup(rc, prompt_lens=[len(i) for i in ids])  # compile outside the timed run
+    rollout.warmup(rc, prompts=ids)  # compile outside the timed run
     with _progress(len(ids) * args.max_new_tokens, "generate") as bar:
         out = rollout.generate(ids, rc, progress=bar.update)
     rows = []
