@@ -206,7 +206,7 @@ def shared_prefix(prompts: list[list[int]], rows: int, max_len: int) -> int:
     """How many leading tokens the prefill feeds once for all `prompts` (the distinct ones; 0: none): their
     longest common prefix, each keeping >= 1 token of its own (the one it samples from), where that computes
     fewer positions for `rows` prefill rows than padding every prompt whole, within a `max_len` cache. Chat
-    prompts share their template's opening (SmolLM2's system prompt: ~30 of 36-44 tokens)."""
+    prompts share their template's opening (SmolLM2's system prompt and user header: 24 tokens)."""
     if len(prompts) < 2:
         return 0
     first, c = prompts[0], min(map(len, prompts)) - 1
