@@ -11,6 +11,7 @@ dispatcher (csrc/er_native.cc) is compiled for the baseline target and picks one
 binary runs on any x86-64. Other architectures build the portable kernels only.
 """
 import concurrent.futures
+import glob
 import importlib.util
 import os
 import platform
@@ -81,6 +82,8 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension("er_jax.kernels._er_jax_native", sources=[os.path.join(CSRC, "er_native.cc")],
+                           # every unit and header: an edit to any of them relinks (the ISA units are extra objects)
+                           depends=sorted(glob.glob(os.path.join(CSRC, "*"))),
                            language="c++", extra_link_args=["-pthread"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -223,8 +223,141 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
 // weights (at most ~2 FMAs per weight), and converting them in registers costs nothing there.
 constexpr int64_t kQuantDpMinM = 3;
 
+// int4 panels at M <= 2 (decode and draft rows) on vdpbf16ps. The f32 kernel (panel_tile_int4) is bound by
+// its instructions, not by memory: per 16 bytes (32 codes) it widens, masks, shifts and converts (5) before its
+// 2 FMAs per row of x. Here 3 instructions turn 16 bytes into 16 lanes of bf16 pairs, each code under a fixed
+// exponent (bits 0x4300 | q = the bf16 128 + q, exact): the rows 2r, 2r + 1 of a column, the pair vdpbf16ps
+// multiplies by (x[2r], x[2r + 1]). x in bf16 parts: bf16 x (or f32 x holding bf16 values) is one part and
+// the products are exact; other f32 x is two, hi = bf16(x), lo = bf16(x - hi), so x' = hi + lo (exact in f32)
+// is within 2^-16 |x| of x. The offset comes off with the zero point: sum (q - z) x' = sum (128 + q) x' -
+// (128 + z) sum x'. (docs/native.md, "int4 at M <= 2".) Needs AVX512-VBMI (vpmultishiftqb) besides.
+constexpr int64_t kInt4DpMaxM = 2;
+constexpr int kInt4Offset = 128;
+
+// The bit offsets vpmultishiftqb takes from each qword of two zero-extended bytes b0 | b1 << 8: bytes 0, 2,
+// 4, 6 of the result get bits 0, 4, 8, 12 (b0's low and high nibble, b1's); the other bytes are masked off.
+constexpr uint64_t kNibbleFields = (12ull << 48) | (8ull << 32) | (4ull << 16);
+
+__attribute__((target("avx512vbmi"))) static inline __m512bh int4_pairs(const uint8_t* row) {
+  const __m512i v = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+  const __m512i f = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(kNibbleFields)), v);
+  return (__m512bh)_mm512_ternarylogic_epi32(f, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300),
+                                             0xEA);  // (f & mask) | exponent
+}
+
+// Byte rows [r0, r1) of one group of NP panels (w: panel j0's first byte, panels `stride` bytes apart) times
+// MR rows of x in P parts (xp[(m P + part) R + r - rb]: the pairs of byte row r), times the group's scale gs,
+// added into sc (row stride ss).
+template <int MR, int NP, int P, bool PF>
+__attribute__((target("avx512vbmi"))) static inline void int4_dp_tile(const uint8_t* w, int64_t stride, int64_t r0,
+                                                                      int64_t r1, const uint32_t* xp, int64_t R,
+                                                                      int64_t rb, const float* gs, float* sc,
+                                                                      int64_t ss) {
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_setzero_ps();
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512bh wv[NP];
+    for (int q = 0; q < NP; ++q) wv[q] = int4_pairs(w + q * stride + r * kPanelCols);
+    if constexpr (PF) {
+      if (r % 4 == 0)  // one prefetch per 64-byte line (4 byte rows) of the next NP panels
+        for (int q = 0; q < NP; ++q) __builtin_prefetch(w + (q + NP) * stride + r * kPanelCols);
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int part = 0; part < P; ++part) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[(m * P + part) * R + r - rb]));
+        for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], wv[q], xv);
+      }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) {
+      float* d = sc + m * ss + q * kPanelCols;
+      V::store(d, V::fma(acc[m][q], V::load(gs + q * kPanelCols), V::load(d)));
+    }
+}
+
+// x rows [k0, k1) of every M row as P bf16 parts, paired by byte row (a zero for the high nibble of an odd
+// K's last byte: x's padding), into xp (see int4_dp_tile), and each group's sum of x' into xsum[m * ng + g].
+static void int4_dp_split(const Problem& p, int64_t k0, int64_t k1, int P, int64_t R, uint32_t* xp, float* xsum,
+                          int64_t ng) {
+  const int64_t n = 2 * R;  // k1 - k0 rounded up to even
+  for (int64_t m = 0; m < p.m; ++m) {
+    const float* x = p.x + m * p.xs + k0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t e = imin(n, (g + 1) * p.group);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = g * p.group; k < e; k += 16) {  // group starts are even; a chunk may end past e
+        const __mmask16 mask = static_cast<__mmask16>(e - k >= 16 ? 0xffff : (1u << (e - k)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + k);
+        const __m256bh hi = _mm512_cvtneps_pbh(xv);
+        const __m512 hf = _mm512_cvtpbh_ps(hi);
+        const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(xv, hf));
+        sum = _mm512_add_ps(sum, P == 1 ? hf : _mm512_add_ps(hf, _mm512_cvtpbh_ps(lo)));
+        const __mmask8 pm = static_cast<__mmask8>(e - k >= 16 ? 0xff : (1u << ((e - k) / 2)) - 1);
+        _mm256_mask_storeu_epi32(xp + (m * P) * R + k / 2, pm, (__m256i)hi);
+        if (P == 2) _mm256_mask_storeu_epi32(xp + (m * P + 1) * R + k / 2, pm, (__m256i)lo);
+      }
+      xsum[m * ng + g] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+template <int MR, int NP, int P>
+static void int4_dp_group(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss,
+                          const uint32_t* xp, int64_t R) {
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + j0 * p.rows * kPanelCols;
+  const int64_t stride = p.rows * kPanelCols, rb = k0 / 2;
+  for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
+    const int64_t r0 = g * p.group / 2, r1 = (imin((g + 1) * p.group, k1) + 1) / 2;
+    const float* gs = p.scale + g * p.n + j0 * kPanelCols;
+    int4_dp_tile<MR, NP, P, true>(w, stride, r0, r1, xp, R, rb, gs, sc, ss);
+  }
+}
+
+template <int MR, int P>
+static void run_int4_dp_mp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
+                           const uint32_t* xp, int64_t R) {
+  constexpr int NP = MR == 1 ? kPNP1 : kPNP2;
+  for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+    int4_dp_group<MR, decltype(np)::value, P>(p, k0, k1, j, sc, ss, xp, R);
+  });
+}
+
+static void run_int4_dp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+  const int P = p.xb != nullptr ? 1 : 2;  // xb: x's values are bf16 (p.x holds them as f32)
+  const int64_t R = (k1 - k0 + 1) / 2, ng = (k1 - k0 + p.group - 1) / p.group, cw = c1 - c0;
+  thread_local std::vector<uint32_t> xpv;
+  thread_local std::vector<float> xsv;
+  if (xpv.size() < static_cast<size_t>(p.m * P * R)) xpv.resize(p.m * P * R);
+  if (xsv.size() < static_cast<size_t>(p.m * ng)) xsv.resize(p.m * ng);
+  uint32_t* xp = xpv.data();
+  float* xsum = xsv.data();
+  int4_dp_split(p, k0, k1, P, R, xp, xsum, ng);
+  if (p.m == 1) P == 1 ? run_int4_dp_mp<1, 1>(p, k0, k1, c0, c1, acc, xp, R) : run_int4_dp_mp<1, 2>(p, k0, k1, c0, c1, acc, xp, R);
+  else P == 1 ? run_int4_dp_mp<2, 1>(p, k0, k1, c0, c1, acc, xp, R) : run_int4_dp_mp<2, 2>(p, k0, k1, c0, c1, acc, xp, R);
+  for (int64_t g = 0; g < ng; ++g) {  // scratch[m, c] -= scale * (zero + 128) * sum of x' over the group
+    const float* s = p.scale + (k0 / p.group + g) * p.n;
+    const uint8_t* z = p.zero + (k0 / p.group + g) * p.n;
+    for (int64_t m = 0; m < p.m; ++m) {
+      const __m512 xs = V::bcast(xsum[m * ng + g]), off = V::bcast(static_cast<float>(kInt4Offset));
+      float* sc = acc + m * cw;
+      for (int64_t c = c0; c < c1; c += V::W)  // c0, c1: whole panels
+        V::store(sc + (c - c0), V::fnmadd(V::mul(V::load(s + c), V::add(V::cvt_u8(z + c), off)), xs, V::load(sc + (c - c0))));
+    }
+  }
+}
+
+static bool has_vbmi() {
+  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
+  return v;
+}
+
 static void run_block_bf16(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                            bool accumulate) {
+  if (p.fmt == kInt4Panel && p.m <= kInt4DpMaxM && has_vbmi() && p.group % 2 == 0) {
+    if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
+    return run_int4_dp(p, k0, k1, c0, c1, acc);
+  }
   const bool quant = (p.fmt == kInt8Panel || (p.fmt == kInt4Panel && p.group <= kQuantKC)) && p.m >= kQuantDpMinM &&
                      p.k % 2 == 0;
   if ((p.fmt != kBF16Panel && !quant) || p.xb == nullptr || (k0 & 1))

@@ -15,10 +15,10 @@ from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.model import embed_rows, execution_layout, forward, logits_from_hidden, unstack_layers
 from er_jax.panels import FUSED, PANEL, PanelArray, can_pack, concat, pack, pack_weights, unpack
-from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
+from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8, unpack_int4
 from er_jax.cache import init_cache
 from tests.helpers import tiny_model
-from tests.test_native import _abs_weights, _check, _data, _isas, needs_native
+from tests.test_native import _abs_weights, _check, _data, _gamma, _isas, needs_native
 
 # M: one row, two, a 6-row tile plus remainders, and more than native.MAX_M (run in pieces); K across the
 # kernel's 256-row k block; N: whole 4-panel groups plus single panels.
@@ -92,12 +92,60 @@ def test_panel_quant_matmul_every_isa(k, n, scheme, xdt):
     xs = [jnp.asarray(_data(m, k, 1, seed=50 + m)[0], xdt) for m in MS]
     refs = jax.jit(lambda xs, qa: [quant_matmul_reference(x, qa) for x in xs])(xs, qa)
     w_abs = _abs_weights(qa)
+    extra = 4 * (-(-k // 128)) + 4  # the scale (and int4's group sums and zero-point term): a few more roundings
     for isa in _isas():
         ys = jax.jit(lambda xs, pa: [native.matmul(x, pa, isa=isa) for x in xs])(xs, pa)
         for x, y, ref in zip(xs, ys, refs):
             assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
-            # the scale (and int4's group sums and zero-point term): a few more roundings per group
-            _check(y, ref, x, w_abs, extra_ops=4 * (-(-k // 128)) + 4)
+            if scheme == "int4" and isa in INT4_DP_ISAS and x.shape[0] <= 2:
+                _check_int4_dp(y, ref, x, qa, extra)
+            else:
+                _check(y, ref, x, w_abs, extra_ops=extra)
+
+
+# ISAs whose int4 panels at M <= 2 run on vdpbf16ps (where the CPU also has AVX512-VBMI; else they run the
+# f32 kernel, which meets the tighter bound too). docs/native.md, "int4 at M <= 2".
+INT4_DP_ISAS = ("avx512bf16", "amx")
+
+
+def _check_int4_dp(y, ref, x, qa, extra):
+    """The vdpbf16ps int4 kernel's bound: it sums (128 + q) x' in f32, two parts of x per code for f32 x,
+    and takes (128 + z) sum x' off per group, x' = bf16(x) + bf16(x - bf16(x)) (within 2^-16 |x| of x; x'
+    = x for bf16 x). So |y - ref| <= 2 gamma_n sum |x'| (256 + q + z) s + 2^-16 sum |x| |q - z| s, n = 2 K
+    + the group terms, with |x'| <= (1 + 2^-8) |x|."""
+    q = np.asarray(unpack_int4(qa.data), np.float64)[: qa.in_features]
+    g = np.arange(qa.in_features) // qa.group_size
+    z, sc = np.asarray(qa.zero, np.float64)[g], np.asarray(qa.scale, np.float64)[g]
+    xa = np.abs(np.asarray(jnp.asarray(x, jnp.float32), np.float64))
+    tol = (2 * _gamma(2 * qa.in_features + extra) * (1 + 2.0 ** -8) * (xa @ ((256 + q + z) * sc))
+           + 2.0 ** -16 * (xa @ (np.abs(q - z) * sc)))
+    y, ref = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (y, ref))
+    if jnp.dtype(x.dtype) == jnp.bfloat16:
+        tol = tol + 2.0 ** -7 * np.maximum(np.abs(ref), np.abs(y))
+    err = np.abs(y - ref)
+    assert np.all(err <= tol + 1e-30), f"max err {err.max():.3g}, at tol {tol.flat[np.argmax(err - tol)]:.3g}"
+
+
+@needs_native
+@pytest.mark.parametrize("k", [300, 301])  # whole byte rows; an odd K (the last byte's high nibble is padding)
+def test_int4_panels_small_m_exact_on_integer_data(k):
+    """int4 panels at M = 1, 2 (the decode / draft rows; vdpbf16ps on avx512bf16 / amx, the codes as 128 + q)
+    on exact sums: f32 and bf16 x give numpy's product (bf16 x: rounded once to bf16) on every ISA, across
+    groups, column blocks and the zero points' offset."""
+    rng = np.random.default_rng(k + 7)
+    g = -(-k // 128)
+    n = 1040  # 65 panels (whole groups of 8 and 4 and a single one), >= 96 KiB: both threads
+    q4 = QuantArray(jnp.asarray(rng.integers(0, 256, (64 * g, n)), jnp.uint8), jnp.full((g, n), 0.5),
+                    jnp.asarray(rng.integers(0, 16, (g, n)), jnp.uint8), "int4", k)
+    w4 = np.asarray(dequantize(q4, jnp.float32), np.float64)
+    pa = pack(q4)
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+    for m in (1, 2):
+        x = rng.integers(-3, 4, (m, k)).astype(np.float32)
+        for isa in _isas():
+            np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), pa, isa=isa)), x @ w4, err_msg=isa)
+            yb = native.matmul(jnp.asarray(x, jnp.bfloat16), pa, isa=isa).astype(jnp.float32)
+            np.testing.assert_array_equal(np.asarray(yb), bf(x @ w4), err_msg=isa)
 
 
 @needs_native
