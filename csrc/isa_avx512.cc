@@ -325,7 +325,7 @@ static void run_int4_dp_mp(const Problem& p, int64_t k0, int64_t k1, int64_t c0,
 
 static void run_int4_dp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
   const int P = p.xb != nullptr ? 1 : 2;  // xb: x's values are bf16 (p.x holds them as f32)
-  const int64_t R = (k1 - k0 + 1) / 2, ng = (k1 - k0 + p.group - 1) / p.group, cw = c1 - c0;
+  const int64_t R = (k1 - k0 + 1) / 2, ng = (k1 - k0 + p.group - 1) / p.group;
   thread_local std::vector<uint32_t> xpv;
   thread_local std::vector<float> xsv;
   if (xpv.size() < static_cast<size_t>(p.m * P * R)) xpv.resize(p.m * P * R);
@@ -335,16 +335,8 @@ static void run_int4_dp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, in
   int4_dp_split(p, k0, k1, P, R, xp, xsum, ng);
   if (p.m == 1) P == 1 ? run_int4_dp_mp<1, 1>(p, k0, k1, c0, c1, acc, xp, R) : run_int4_dp_mp<1, 2>(p, k0, k1, c0, c1, acc, xp, R);
   else P == 1 ? run_int4_dp_mp<2, 1>(p, k0, k1, c0, c1, acc, xp, R) : run_int4_dp_mp<2, 2>(p, k0, k1, c0, c1, acc, xp, R);
-  for (int64_t g = 0; g < ng; ++g) {  // scratch[m, c] -= scale * (zero + 128) * sum of x' over the group
-    const float* s = p.scale + (k0 / p.group + g) * p.n;
-    const uint8_t* z = p.zero + (k0 / p.group + g) * p.n;
-    for (int64_t m = 0; m < p.m; ++m) {
-      const __m512 xs = V::bcast(xsum[m * ng + g]), off = V::bcast(static_cast<float>(kInt4Offset));
-      float* sc = acc + m * cw;
-      for (int64_t c = c0; c < c1; c += V::W)  // c0, c1: whole panels
-        V::store(sc + (c - c0), V::fnmadd(V::mul(V::load(s + c), V::add(V::cvt_u8(z + c), off)), xs, V::load(sc + (c - c0))));
-    }
-  }
+  for (int64_t g = 0; g < ng; ++g)  // (zero + 128) times the group's sum of x'
+    int4_zero_correction(p, k0 / p.group + g, c0, c1, acc, xsum + g, ng, static_cast<float>(kInt4Offset));
 }
 
 static bool has_vbmi() {

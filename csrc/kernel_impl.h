@@ -90,20 +90,24 @@ static inline void tile_int4(const Problem& p, int64_t g, int64_t r0, int64_t r1
   }
 }
 
-// scratch[m, c] -= scale[g, c] * zero[g, c] * (sum of x[m, k] over group g's rows), columns [c0, c1).
-static void int4_zero_correction(const Problem& p, int64_t g, int64_t c0, int64_t c1, float* scratch) {
+// scratch[m, c] -= scale[g, c] * (zero[g, c] + offset) * (sum of x[m, k] over group g's rows), columns
+// [c0, c1). xsums: those sums given (xsums[m * xsum_stride]), else computed from p.x.
+static void int4_zero_correction(const Problem& p, int64_t g, int64_t c0, int64_t c1, float* scratch,
+                                 const float* xsums = nullptr, int64_t xsum_stride = 0, float offset = 0.f) {
   const int64_t cw = c1 - c0, k0 = g * p.group, k1 = imin(k0 + p.group, p.k);
+  const typename V::F off = V::bcast(offset);
   for (int64_t m = 0; m < p.m; ++m) {
     float xsum = 0.f;
-    for (int64_t k = k0; k < k1; ++k) xsum += p.x[m * p.xs + k];
+    if (xsums) xsum = xsums[m * xsum_stride];
+    else for (int64_t k = k0; k < k1; ++k) xsum += p.x[m * p.xs + k];
     const typename V::F xs = V::bcast(xsum);
     float* sc = scratch + m * cw;
     const float* s = p.scale + g * p.n;
     const uint8_t* z = p.zero + g * p.n;
     int64_t c = c0;
     for (; c + V::W <= c1; c += V::W)
-      V::store(sc + (c - c0), V::fnmadd(V::mul(V::load(s + c), V::cvt_u8(z + c)), xs, V::load(sc + (c - c0))));
-    for (; c < c1; ++c) sc[c - c0] -= s[c] * static_cast<float>(z[c]) * xsum;
+      V::store(sc + (c - c0), V::fnmadd(V::mul(V::load(s + c), V::add(V::cvt_u8(z + c), off)), xs, V::load(sc + (c - c0))));
+    for (; c < c1; ++c) sc[c - c0] -= s[c] * (static_cast<float>(z[c]) + offset) * xsum;
   }
 }
 

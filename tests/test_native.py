@@ -104,11 +104,15 @@ def _abs_weights(qa_or_w):
         return np.abs(np.asarray(qa_or_w, np.float64))
     if qa_or_w.scheme == "int8":
         return np.abs(np.asarray(qa_or_w.data, np.float64) * np.asarray(qa_or_w.scale, np.float64))
-    q = np.asarray(unpack_int4(qa_or_w.data), np.float64)[: qa_or_w.in_features]
-    g = np.arange(qa_or_w.in_features) // qa_or_w.group_size
-    z = np.asarray(qa_or_w.zero, np.float64)[g]
-    s = np.asarray(qa_or_w.scale, np.float64)[g]
+    q, z, s = int4_parts(qa_or_w)
     return (q + z) * s
+
+
+def int4_parts(qa):
+    """An int4 QuantArray's codes, zero points and scales per weight, [K, N] float64 each."""
+    q = np.asarray(unpack_int4(qa.data), np.float64)[: qa.in_features]
+    g = np.arange(qa.in_features) // qa.group_size
+    return q, np.asarray(qa.zero, np.float64)[g], np.asarray(qa.scale, np.float64)[g]
 
 
 def _check(y, ref, x, w_abs, extra_ops=0):

@@ -15,10 +15,10 @@ from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.model import embed_rows, execution_layout, forward, logits_from_hidden, unstack_layers
 from er_jax.panels import FUSED, PANEL, PanelArray, can_pack, concat, pack, pack_weights, unpack
-from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8, unpack_int4
+from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
 from er_jax.cache import init_cache
 from tests.helpers import tiny_model
-from tests.test_native import _abs_weights, _check, _data, _gamma, _isas, needs_native
+from tests.test_native import _abs_weights, _check, _data, _gamma, _isas, int4_parts, needs_native
 
 # M: one row, two, a 6-row tile plus remainders, and more than native.MAX_M (run in pieces); K across the
 # kernel's 256-row k block; N: whole 4-panel groups plus single panels.
@@ -113,9 +113,7 @@ def _check_int4_dp(y, ref, x, qa, extra):
     and takes (128 + z) sum x' off per group, x' = bf16(x) + bf16(x - bf16(x)) (within 2^-16 |x| of x; x'
     = x for bf16 x). So |y - ref| <= 2 gamma_n sum |x'| (256 + q + z) s + 2^-16 sum |x| |q - z| s, n = 2 K
     + the group terms, with |x'| <= (1 + 2^-8) |x|."""
-    q = np.asarray(unpack_int4(qa.data), np.float64)[: qa.in_features]
-    g = np.arange(qa.in_features) // qa.group_size
-    z, sc = np.asarray(qa.zero, np.float64)[g], np.asarray(qa.scale, np.float64)[g]
+    q, z, sc = int4_parts(qa)
     xa = np.abs(np.asarray(jnp.asarray(x, jnp.float32), np.float64))
     tol = (2 * _gamma(2 * qa.in_features + extra) * (1 + 2.0 ** -8) * (xa @ ((256 + q + z) * sc))
            + 2.0 ** -16 * (xa @ (np.abs(q - z) * sc)))
