@@ -11,6 +11,7 @@
 //   er_jax_native_attention(q, k, v, q_pos, layer) -> o   attention over the cache, read in place (below)
 //   er_jax_native_sample(logw, u)             -> tok, logp  inverse-CDF sampling, one token per row (below)
 //   er_jax_native_kv_write(k_all, v_all, k, v, pos, layer) -> (k_all, v_all)   the KV cache write, in place
+//   er_jax_native_rms_norm / _silu_mul / _rope_qkv     a decoder layer's pointwise ops (below)
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
 // default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16, 5: amx) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
 // broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
@@ -459,6 +460,13 @@ float* scratch(size_t floats) { return buffer(kScratch, floats); }
 // ---------------------------------------------------------------------------------------------------
 // One matmul of already validated operands.
 
+inline float bf16_value(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -566,10 +574,7 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
       if (pad) d[p.k] = 0.f;
       if (x_bf16) {
         const uint16_t* s = static_cast<const uint16_t*>(x) + m * p.k;
-        for (int64_t k = 0; k < p.k; ++k) {
-          const uint32_t u = static_cast<uint32_t>(s[k]) << 16;
-          std::memcpy(d + k, &u, 4);
-        }
+        for (int64_t k = 0; k < p.k; ++k) d[k] = bf16_value(s[k]);
       } else {
         std::memcpy(d, static_cast<const float*>(x) + m * p.k, sizeof(float) * p.k);
       }
@@ -927,6 +932,95 @@ ffi::Error kv_write_impl(ffi::AnyBuffer k_all, ffi::AnyBuffer v_all, ffi::AnyBuf
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// A decoder layer's pointwise ops (RowProblem, er_native.h; kernels/pointwise.py has the references): x's
+// rows [..., n], f32 or bf16, the outputs in x's dtype. Each is one call instead of the several small XLA
+// fusions (and their copies) it compiled to, which took ~10% of a 64-row step (docs/native.md, "Pointwise ops").
+//   er_jax_native_rms_norm(x [.., D], w [D]; eps)                 -> y [.., D]
+//   er_jax_native_silu_mul(x [.., 2 I])                             -> y [.., I]: silu(x[:I]) * x[I:]
+//   er_jax_native_rope_qkv(x [.., (H + 2 KV) hd], cos, sin [.., hd / 2]; heads, kv_heads)
+//                                                                   -> q [.., H hd], k, v [.., KV hd]
+
+constexpr int64_t kRowsParallel = 32768;  // elements of x from which the rows are split over the threads
+
+int64_t rows_of(ffi::AnyBuffer::Dimensions d) {
+  int64_t r = 1;
+  for (size_t i = 0; i + 1 < d.size(); ++i) r *= d[i];
+  return r;
+}
+
+ffi::Error run_rows(ffi::ThreadPool& tp, const char* what, RowProblem& p, ffi::AnyBuffer x,
+                    std::initializer_list<ffi::Result<ffi::AnyBuffer>*> outs, std::initializer_list<int64_t> widths,
+                    int32_t isa, int32_t max_threads) {
+  const auto xt = x.element_type();
+  if (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) return invalid(std::string(what) + ": x must be float32 or bfloat16");
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd.back() != p.n)
+    return invalid(std::string(what) + ": x " + dims_str(xd) + " must have " + std::to_string(p.n) + " elements a row");
+  const int64_t rows = rows_of(xd);
+  auto w = widths.begin();
+  int i = 0;
+  for (auto* o : outs) {
+    const auto od = (*o)->dimensions();
+    if ((*o)->element_type() != xt || od.size() != xd.size() || od.back() != *w || rows_of(od) != rows)
+      return invalid(std::string(what) + ": output " + std::to_string(i) + " must be x's dtype, [" +
+                     std::to_string(rows) + " rows, " + std::to_string(*w) + "]; got " + dims_str(od));
+    p.y[i++] = (*o)->untyped_data();
+    ++w;
+  }
+  const Kernels* kern = nullptr;
+  if (ffi::Error e = select_kernels(isa, kern); e.failure()) return e;
+  p.x = x.untyped_data();
+  p.bf16 = xt == ffi::DataType::BF16;
+  const int64_t threads = rows * p.n >= kRowsParallel ? call_threads(tp, max_threads) : 1;
+  const int64_t chunks = std::min(rows, 4 * threads), per = chunks ? (rows + chunks - 1) / chunks : 0;
+  parallel_chunks(threading().use_xla ? &tp : nullptr, threads, chunks, [&](int64_t c, int) {
+    kern->rows(p, c * per, std::min(rows, (c + 1) * per));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error rms_norm_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, float eps,
+                         int32_t isa, int32_t max_threads) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 1 || (w.element_type() != ffi::DataType::F32 && w.element_type() != ffi::DataType::BF16))
+    return invalid("rms_norm: w must be a float32 or bfloat16 vector, got " + dims_str(wd));
+  std::vector<float> wf(wd[0]);
+  for (int64_t i = 0; i < wd[0]; ++i)
+    wf[i] = w.element_type() == ffi::DataType::F32 ? static_cast<const float*>(w.untyped_data())[i]
+                                                   : bf16_value(static_cast<const uint16_t*>(w.untyped_data())[i]);
+  RowProblem p{};
+  p.op = kRmsNorm, p.n = wd[0], p.w = wf.data(), p.eps = eps;
+  return run_rows(tp, "rms_norm", p, x, {&y}, {p.n}, isa, max_threads);
+}
+
+ffi::Error silu_mul_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int32_t isa,
+                         int32_t max_threads) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd.back() % 2) return invalid("silu_mul: x's last axis (gate | up) must be even, got " + dims_str(xd));
+  RowProblem p{};
+  p.op = kSiluMul, p.n = xd.back();
+  return run_rows(tp, "silu_mul", p, x, {&y}, {p.n / 2}, isa, max_threads);
+}
+
+ffi::Error rope_qkv_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                         ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v,
+                         int64_t heads, int64_t kv_heads, int32_t isa, int32_t max_threads) {
+  const auto xd = x.dimensions(), cd = cos.dimensions();
+  const int64_t parts = heads + 2 * kv_heads;
+  if (heads < 1 || kv_heads < 1 || xd.size() < 1 || xd.back() % parts || (xd.back() / parts) % 2)
+    return invalid("rope_qkv: x " + dims_str(xd) + " must hold heads + 2 kv_heads = " + std::to_string(parts) +
+                   " heads of an even size a row");
+  RowProblem p{};
+  p.op = kRopeQkv, p.n = xd.back(), p.hd = p.n / parts, p.heads = heads, p.kv_heads = kv_heads;
+  if (cd.size() < 1 || cd.back() != p.hd / 2 || rows_of(cd) != rows_of(xd) || !std::equal(cd.begin(), cd.end(), sin.dimensions().begin()) ||
+      sin.dimensions().size() != cd.size())
+    return invalid("rope_qkv: cos and sin must be [" + std::to_string(rows_of(xd)) + " rows, " + std::to_string(p.hd / 2) +
+                   "] like x " + dims_str(xd) + "; got " + dims_str(cd) + " and " + dims_str(sin.dimensions()));
+  p.cos = cos.typed_data(), p.sin = sin.typed_data();
+  return run_rows(tp, "rope_qkv", p, x, {&q, &k, &v}, {heads * p.hd, kv_heads * p.hd, kv_heads * p.hd}, isa, max_threads);
+}
+
 }  // namespace
 }  // namespace er_native
 
@@ -1019,6 +1113,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_kv_write, er_native::kv_write_impl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_rms_norm, er_native::rms_norm_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_silu_mul, er_native::silu_mul_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(er_jax_native_rope_qkv, er_native::rope_qkv_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("threads"));
 
 // Plain C queries for kernels/native.py (ctypes).
 extern "C" {

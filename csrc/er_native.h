@@ -57,6 +57,23 @@ typedef void (*AttendFn)(const AttnProblem& a, int64_t b, int64_t kv0, int64_t k
 // *log_norm = the row's log-normalizer log(sum_j exp(logw_j)) (when the row has a finite maximum).
 typedef int32_t (*SampleRowFn)(const float* logw, int64_t n, float u, float* buf, double* log_norm);
 
+// A decoder layer's pointwise ops (er_native.cc's pointwise handlers; kernels/pointwise.py has their
+// references), rows of x computed in f32 and rounded once into the output's dtype (x's).
+enum RowOpKind { kRmsNorm = 0, kSiluMul = 1, kRopeQkv = 2 };
+struct RowProblem {
+  int32_t op;
+  int64_t n;           // elements of an input row: rms_norm D, silu_mul 2 I, rope_qkv (H + 2 KV) hd
+  const void* x;       // f32 | bf16 [rows, n]
+  bool bf16;           // x's and the outputs' dtype
+  void* y[3];          // rms_norm: y[0] [rows, D]; silu_mul: y[0] [rows, I]; rope_qkv: q, k, v
+  const float* w;      // rms_norm: the weight [D] as f32
+  float eps;           // rms_norm
+  const float* cos;    // rope_qkv: [rows, hd / 2]
+  const float* sin;
+  int64_t hd, heads, kv_heads;  // rope_qkv
+};
+typedef void (*RowsFn)(const RowProblem& p, int64_t r0, int64_t r1);
+
 struct Kernels {
   const char* name;
   int32_t isa;
@@ -66,6 +83,7 @@ struct Kernels {
   RunBlockFn run_block;
   AttendFn attend;
   SampleRowFn sample_row;
+  RowsFn rows;
 };
 
 }  // namespace er_native

@@ -34,6 +34,7 @@ struct V {
   }
   static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F cvt_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(load_u8_i32(p)); }
   static void load_u4(const uint8_t* p, F& lo, F& hi) {
     const I v = load_u8_i32(p);
@@ -76,7 +77,7 @@ constexpr int kPNP1 = 4, kPNP2 = 2, kPMRB = 6, kPNPB = 1;
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row};
+const Kernels kTable = {"avx2", kAvx2, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row, rows};
 
 }  // namespace
 }  // namespace er_native

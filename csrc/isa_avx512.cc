@@ -37,6 +37,7 @@ struct V {
   }
   static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F cvt_u8(const uint8_t* p) { return _mm512_cvtepi32_ps(load_u8_i32(p)); }
   static void load_u4(const uint8_t* p, F& lo, F& hi) {
     const I v = load_u8_i32(p);
@@ -69,7 +70,7 @@ constexpr int kPNP1 = 8, kPNP2 = 4, kPMRB = 6, kPNPB = 4;
 #include "kernel_impl.h"
 
 #ifndef ER_NATIVE_AVX512_BF16
-const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row};
+const Kernels kTable = {"avx512", kAvx512, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row, rows};
 #else
 // ---------------------------------------------------------------------------------------------------
 // bf16 x times bf16 panel weights with vdpbf16ps: one instruction does 16 lanes x 2 multiply-adds, lane i
@@ -471,9 +472,9 @@ static void run_block_amx(const Problem& p, int64_t k0, int64_t k1, int64_t c0, 
 #endif
 
 #ifdef ER_NATIVE_AMX
-const Kernels kTable = {"amx", kAmx, kNV1 * V::W, kNV1 * V::W, kKR, run_block_amx, attend, sample_row};
+const Kernels kTable = {"amx", kAmx, kNV1 * V::W, kNV1 * V::W, kKR, run_block_amx, attend, sample_row, rows};
 #else
-const Kernels kTable = {"avx512bf16", kAvx512Bf16, kNV1 * V::W, kNV1 * V::W, kKR, run_block_bf16, attend, sample_row};
+const Kernels kTable = {"avx512bf16", kAvx512Bf16, kNV1 * V::W, kNV1 * V::W, kKR, run_block_bf16, attend, sample_row, rows};
 #endif
 #endif
 

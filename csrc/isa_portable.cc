@@ -33,6 +33,7 @@ struct V {
   static I load_u8_i32(const uint8_t* p) { I r; for (int i = 0; i < W; ++i) r.v[i] = p[i]; return r; }
   static F fnmadd(F a, F b, F c) { for (int i = 0; i < W; ++i) c.v[i] -= a.v[i] * b.v[i]; return c; }
   static F mul(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] *= b.v[i]; return a; }
+  static F div(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] /= b.v[i]; return a; }
   static F cvt_u8(const uint8_t* p) { F r; for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
   static void load_u4(const uint8_t* p, F& lo, F& hi) {
     for (int i = 0; i < W; ++i) {
@@ -61,7 +62,7 @@ constexpr int kPNP1 = 4, kPNP2 = 2, kPMRB = 4, kPNPB = 1;  // panel-major weight
 
 #include "kernel_impl.h"
 
-const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row};
+const Kernels kTable = {"portable", kPortable, kNV1 * V::W, kPNPB * kPanelCols, kKR, run_block, attend, sample_row, rows};
 
 }  // namespace
 }  // namespace er_native

@@ -4,7 +4,8 @@
 //              zero, load, store, bcast, fma(a, b, c) = a * b + c, add,
 //              load_bf16 (W bf16 -> f32), load_i8 (W int8 -> f32), load_u8_i32 (W uint8 -> int32),
 //              fnmadd(a, b, c) = c - a * b, mul, cvt_u8 (W uint8 -> f32),
-//              load_u4 (W bytes -> their low / high nibbles as f32) };
+//              load_u4 (W bytes -> their low / high nibbles as f32), div, max, and_ge, floor, pow2i,
+//              hsum, hsum4, hmax };
 // and the register-tile shapes kMR1/kNV1 (M == 1), kMR2/kNV2 (M == 2), kMRB/kNVB (M >= 3); for panel-major
 // weights, kPNP1 / kPNP2 panels at M = 1 / 2 and kPMRB rows x kPNPB panels at M >= 3.
 //
@@ -819,4 +820,96 @@ static int32_t sample_row(const float* logw, int64_t n, float u, float* buf, dou
     if (cum > target) return last;
   }
   return last;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A decoder layer's pointwise ops (RowProblem, er_native.h): rows [r0, r1), each read into f32, computed in
+// f32 and rounded once into the output's dtype. kernels/pointwise.py holds the references.
+
+static inline void row_in(const void* src, bool bf16, int64_t off, int64_t n, float* dst) {
+  if (!bf16) {
+    std::memcpy(dst, static_cast<const float*>(src) + off, sizeof(float) * n);
+    return;
+  }
+  const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::store(dst + i, V::load_bf16(s + i));
+  for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+}
+
+static inline void row_out(const float* src, int64_t n, void* dst, bool bf16, int64_t off) {
+  if (!bf16) {
+    std::memcpy(static_cast<float*>(dst) + off, src, sizeof(float) * n);
+    return;
+  }
+  uint16_t* d = static_cast<uint16_t*>(dst) + off;
+  for (int64_t i = 0; i < n; ++i) {  // f32_to_bf16_rne without a branch, so that it vectorizes
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    d[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : r);
+  }
+}
+
+static inline float silu_scalar(float g) { return g / (1.f + std::exp(-g)); }
+
+// x / (1 + e^-x) * u over n floats, in place into g: e^-|x| on vexp_nonpositive, so nothing overflows.
+static inline void silu_mul_f32(float* g, const float* u, int64_t n) {
+  const typename V::F zero = V::zero(), one = V::bcast(1.f), neg = V::bcast(-1.f);
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) {
+    const typename V::F x = V::load(g + i);
+    const typename V::F e = vexp_nonpositive(V::mul(V::max(x, V::mul(x, neg)), neg));  // e^-|x|
+    const typename V::F pos = V::and_ge(x, zero, one);                                  // x >= 0
+    const typename V::F num = V::add(pos, V::fnmadd(pos, e, e));                         // x >= 0 ? 1 : e
+    V::store(g + i, V::mul(V::mul(x, V::div(num, V::add(one, e))), V::load(u + i)));
+  }
+  for (; i < n; ++i) g[i] = silu_scalar(g[i]) * u[i];
+}
+
+// Rotate-half RoPE of one head (hd floats, in place) by the row's cos / sin [hd / 2].
+static inline void rope_head(float* x, const float* c, const float* s, int64_t half) {
+  int64_t i = 0;
+  for (; i + V::W <= half; i += V::W) {
+    const typename V::F x1 = V::load(x + i), x2 = V::load(x + half + i), ci = V::load(c + i), si = V::load(s + i);
+    V::store(x + i, V::fnmadd(x2, si, V::mul(x1, ci)));
+    V::store(x + half + i, V::fma(x1, si, V::mul(x2, ci)));
+  }
+  for (; i < half; ++i) {
+    const float x1 = x[i], x2 = x[half + i];
+    x[i] = x1 * c[i] - x2 * s[i];
+    x[half + i] = x2 * c[i] + x1 * s[i];
+  }
+}
+
+static void rows(const RowProblem& p, int64_t r0, int64_t r1) {
+  thread_local std::vector<float> bufv;
+  if (static_cast<int64_t>(bufv.size()) < p.n) bufv.resize(p.n);
+  float* buf = bufv.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    row_in(p.x, p.bf16, r * p.n, p.n, buf);
+    if (p.op == kRmsNorm) {
+      typename V::F acc = V::zero();
+      int64_t i = 0;
+      for (; i + V::W <= p.n; i += V::W) acc = V::fma(V::load(buf + i), V::load(buf + i), acc);
+      float ss = V::hsum(acc);
+      for (; i < p.n; ++i) ss += buf[i] * buf[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(p.n) + p.eps);
+      const typename V::F vi = V::bcast(inv);
+      for (i = 0; i + V::W <= p.n; i += V::W) V::store(buf + i, V::mul(V::mul(V::load(buf + i), vi), V::load(p.w + i)));
+      for (; i < p.n; ++i) buf[i] = buf[i] * inv * p.w[i];
+      row_out(buf, p.n, p.y[0], p.bf16, r * p.n);
+    } else if (p.op == kSiluMul) {
+      const int64_t half = p.n / 2;
+      silu_mul_f32(buf, buf + half, half);
+      row_out(buf, half, p.y[0], p.bf16, r * half);
+    } else {  // kRopeQkv: heads [0, H) -> q, [H, H + KV) -> k, both rotated; [H + KV, H + 2 KV) -> v
+      const int64_t half = p.hd / 2;
+      for (int64_t h = 0; h < p.heads + p.kv_heads; ++h) rope_head(buf + h * p.hd, p.cos + r * half, p.sin + r * half, half);
+      const int64_t nq = p.heads * p.hd, nk = p.kv_heads * p.hd;
+      row_out(buf, nq, p.y[0], p.bf16, r * nq);
+      row_out(buf + nq, nk, p.y[1], p.bf16, r * nk);
+      row_out(buf + nq + nk, nk, p.y[2], p.bf16, r * nk);
+    }
+  }
 }

@@ -12,27 +12,19 @@ import jax.numpy as jnp
 from er_jax.cache import KVCache
 from er_jax.config import DTYPES, ModelConfig
 from er_jax.execution import Execution
+from er_jax.kernels.pointwise import rms_norm_reference, rope_reference, rope_tables, silu_mul_reference
 from er_jax.panels import pack_weights
 from er_jax.quant import QuantArray
 
 DEFAULT_EXECUTION = Execution()  # XLA, one device, stacked layers
 
 def rms_norm(x, w, eps):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * w.astype(jnp.float32)).astype(x.dtype)
+    return rms_norm_reference(x, w, eps)
 
 
 def rope(x, positions, theta):
     """Rotate-half RoPE (Hugging Face layout). x [B, T, heads, hd], positions int [B, T]."""
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return rope_reference(x, rope_tables(positions, x.shape[-1], theta))
 
 
 def linear(x, w, ex: Execution, name: str | None = None, layer=None):
@@ -52,41 +44,48 @@ def _read_in_place(layers, ex: Execution) -> dict:
     return {n: w for n, w in layers.items() if isinstance(w, QuantArray)}
 
 
-def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution, stacked=None, layer=None):
+def _layer(config: ModelConfig, lw, x, positions, kv_write, ex: Execution, stacked=None, layer=None,
+           tables=None):
     """One decoder layer. `kv_write(k_new, v_new) -> (k, v, layer)` stores this layer's new K/V and
     returns the keys/values to attend over: one layer's [B, S, KV, hd], or the stacked cache with `layer`
     (a backend's attention may then read the layer in place instead of a sliced copy). `stacked`: the
-    projections passed whole ([L, ...], see `_read_in_place`), read at layer `layer`."""
+    projections passed whole ([L, ...], see `_read_in_place`), read at layer `layer`. `tables`: the
+    positions' `rope_tables` (computed here when not given)."""
     stacked = stacked or {}
     mm = lambda y, n: linear(y, stacked[n], ex, n, layer) if n in stacked else linear(y, lw[n], ex, n)
     b, t, _ = x.shape
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    y = rms_norm(x, lw["attn_norm"], config.rms_norm_eps)
+    tables = rope_tables(positions, hd, config.rope_theta) if tables is None else tables
+    norm = lambda y, w: ex.op("rms_norm")(y, w, eps=config.rms_norm_eps, ex=ex)  # noqa: E731
+    y = norm(x, lw["attn_norm"])
     if "wqkv" in lw:  # fused (er_jax.panels.FUSED): one matmul, columns q | k | v
-        q, k, v = jnp.split(linear(y, lw["wqkv"], ex, "wqkv"), [h * hd, (h + kvh) * hd], axis=-1)
+        qkv = linear(y, lw["wqkv"], ex, "wqkv")
+        if config.qkv_bias:
+            qkv = qkv + jnp.concatenate([lw[n] for n in ("bq", "bk", "bv")]).astype(qkv.dtype)
+        q, k, v = ex.op("rope_qkv")(qkv, tables, heads=h, kv_heads=kvh, ex=ex)
     else:
         q, k, v = (mm(y, n) for n in ("wq", "wk", "wv"))
-    if config.qkv_bias:
-        q, k, v = q + lw["bq"].astype(q.dtype), k + lw["bk"].astype(k.dtype), v + lw["bv"].astype(v.dtype)
-    q = rope(q.reshape(b, t, h, hd), positions, config.rope_theta)
-    k = rope(k.reshape(b, t, kvh, hd), positions, config.rope_theta)
-    v = v.reshape(b, t, kvh, hd)
+        if config.qkv_bias:
+            q, k, v = q + lw["bq"].astype(q.dtype), k + lw["bk"].astype(k.dtype), v + lw["bv"].astype(v.dtype)
+        q = rope_reference(q.reshape(b, t, h, hd), tables)
+        k = rope_reference(k.reshape(b, t, kvh, hd), tables)
+        v = v.reshape(b, t, kvh, hd)
     k_all, v_all, layer = kv_write(k, v)
     o = ex.op("attention")(q, k_all, v_all, positions, ex=ex, layer=layer)
     x = x + mm(o.reshape(b, t, h * hd), "wo")
-    y = rms_norm(x, lw["mlp_norm"], config.rms_norm_eps)
+    y = norm(x, lw["mlp_norm"])
     if "w_gate_up" in lw:
-        gate, up = jnp.split(linear(y, lw["w_gate_up"], ex, "w_gate_up"), 2, axis=-1)
+        act = ex.op("silu_mul")(linear(y, lw["w_gate_up"], ex, "w_gate_up"), ex=ex)
     else:
-        gate, up = mm(y, "w_gate"), mm(y, "w_up")
-    return x + mm(jax.nn.silu(gate) * up, "w_down")
+        act = silu_mul_reference(mm(y, "w_gate"), mm(y, "w_up"))
+    return x + mm(act, "w_down")
 
 
 def logits_from_hidden(config: ModelConfig, weights, x, ex: Execution = DEFAULT_EXECUTION):
     """Final norm and LM head; f32 logits. A drafter with its own quantized head (`lm_head_q`, see
     er_jax.quant.derive_drafter) runs it through the backend's quant_matmul op, and a packed head
     (`lm_head_p`, `execution_layout`) through its matmul op, f32 activations."""
-    x = rms_norm(x, weights["final_norm"], config.rms_norm_eps)
+    x = ex.op("rms_norm")(x, weights["final_norm"], eps=config.rms_norm_eps, ex=ex)
     if weights.get("lm_head_q") is not None:
         return ex.op("quant_matmul")(x.astype(jnp.float32), weights["lm_head_q"], ex=ex, name="lm_head")
     if weights.get("lm_head_p") is not None:
@@ -120,12 +119,13 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
     x = embed_rows(weights["embed"], tokens, config.jnp_dtype)
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    tables = rope_tables(positions, config.head_dim, config.rope_theta)
 
     layers = weights["layers"]
     unstacked = isinstance(layers, (list, tuple))  # see unstack_layers
     if cache is None:
         def body(x, lw):
-            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), ex), None
+            return _layer(config, lw, x, positions, lambda k, v: (k, v, None), ex, tables=tables), None
 
         if unstacked:
             for lw in layers:
@@ -144,7 +144,7 @@ def forward(config: ModelConfig, weights, tokens, cache: KVCache | None = None, 
                 k_all, v_all = ex.op("kv_write")(k_all, v_all, k, v, positions, ex=ex, layer=i)
                 return k_all, v_all, i
 
-            x = _layer(config, lw, x, positions, kv_write, ex, in_place, i)
+            x = _layer(config, lw, x, positions, kv_write, ex, in_place, i, tables)
             return (x, k_all, v_all), None
 
         carry = (x, cache.k, cache.v)

@@ -77,7 +77,7 @@ class SpecRollout:
         self.costs = _with_drafter_head(controller.ModelCosts.from_config(config, drafter), config, drafter_head)
         self._policy = policy or controller.make_policy(mode, self.costs, draft_length=draft_length,
                                                         calibration=calibration, seed=seed, backend=self.kernels)
-        self._logps = jax.jit(functools.partial(_teacher_forced_logps, config), static_argnums=(3, 4))
+        self._logps = jax.jit(functools.partial(_teacher_forced_logps, config, self.ex), static_argnums=(3, 4))
         self.engine = Engine(config, max_batch=max_batch, max_prompt_len=max_prompt_len,
                              max_new_tokens=max_new_tokens, ex=self.ex,
                              kv_budget_bytes=kv_budget_bytes, forced_acceptance=forced_acceptance)
@@ -250,9 +250,11 @@ class SpecRollout:
         return out
 
 
-def _teacher_forced_logps(config: ModelConfig, weights, seq, completion, prompt_len: int, sampling):
-    """Log-probs of `completion` (the last C tokens of `seq`) under the sampler's processing (jitted)."""
-    logits = forward(config, weights, seq)[:, prompt_len - 1: -1]
+def _teacher_forced_logps(config: ModelConfig, ex, weights, seq, completion, prompt_len: int, sampling):
+    """Log-probs of `completion` (the last C tokens of `seq`) under the sampler's processing (jitted), by the
+    rollout's own kernels (`ex`): in bf16, XLA's fused reference keeps f32 between some ops where the native
+    ops round to bf16 (docs/internals.md, "Teacher-forced log-probs")."""
+    logits = forward(config, weights, seq, ex=ex)[:, prompt_len - 1: -1]
     return token_logprob(reported_log_probs(logits, sampling), completion)
 
 

@@ -5,6 +5,8 @@
   `model.execution_layout` gives this backend), which runs native at every M.
 - `quant_matmul(x, qa)`: x [..., K] @ an `er_jax.quant.QuantArray` [K, N] ("int8" per-channel or "int4"
   group-128 asymmetric), read in its own layout (docs/internals.md), f32 / bf16 activations.
+- the rest of a decode step: `attention`, `kv_write`, `sample` / `sample_logits`, and the layer's pointwise
+  `rms_norm`, `silu_mul`, `rope_qkv` (kernels/pointwise.py).
 
 Both are jit-, vmap- and scan-safe (`jax.ffi.ffi_call` with vmap_method="expand_dims": the handler
 broadcasts leading dimensions and, when only x is batched, folds them into M so the weights are still read
@@ -32,6 +34,7 @@ import numpy as np
 
 from er_jax.cache import write_layer
 from er_jax.config import platform
+from er_jax.kernels import pointwise
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.kernels.rejection import rejection_sample_reference
@@ -55,7 +58,7 @@ XLA_F32_BELOW_M = 2
 
 _TARGETS = ("er_jax_native_dense", "er_jax_native_panel", "er_jax_native_panel_int8", "er_jax_native_panel_int4",
             "er_jax_native_int8", "er_jax_native_int4", "er_jax_native_attention", "er_jax_native_sample",
-            "er_jax_native_kv_write")
+            "er_jax_native_kv_write", "er_jax_native_rms_norm", "er_jax_native_silu_mul", "er_jax_native_rope_qkv")
 _state: dict | None = None
 
 
@@ -347,5 +350,58 @@ def rejection_sample(target_logits, draft_logits, draft_tokens, sc, keys, *, ex)
                                       lambda k, logp, greedy: sample(k, logp, greedy=greedy))
 
 
+def _pointwise_ok(ex, *arrays) -> bool:
+    """Whether the native pointwise ops run these operands here (else their references): f32 / bf16, not
+    empty, the extension on a CPU, and no device mesh (GSPMD would gather around an opaque custom call)."""
+    return (all(jnp.dtype(a.dtype) in _NATIVE_DTYPES and a.size > 0 for a in arrays) and available()
+            and platform() == "cpu" and getattr(ex, "mesh", None) is None)
+
+
+def rms_norm(x, w, *, eps, ex=None, isa: str | None = None, threads: int | None = None):
+    """`pointwise.rms_norm_reference(x, w, eps)` in one native call: x [..., D], w [D] -> x's dtype."""
+    if getattr(w, "ndim", None) != 1 or getattr(x, "ndim", 0) < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"rms_norm: want x [..., D] and w [D], got x {tuple(getattr(x, 'shape', ()))}, "
+                         f"w {tuple(getattr(w, 'shape', ()))}")
+    if not _pointwise_ok(ex, x, w):
+        return pointwise.rms_norm_reference(x, w, eps)
+    return jax.ffi.ffi_call("er_jax_native_rms_norm", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="sequential")(x, w, eps=np.float32(eps), isa=np.int32(_isa_code(isa)),
+                                                      threads=np.int32(threads or 0))
+
+
+def silu_mul(gate_up, *, ex=None, isa: str | None = None, threads: int | None = None):
+    """`pointwise.silu_mul` in one native call: gate | up [..., 2 I] -> silu(gate) * up [..., I]."""
+    if getattr(gate_up, "ndim", 0) < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul: want gate | up [..., 2 I], got {tuple(getattr(gate_up, 'shape', ()))}")
+    if not _pointwise_ok(ex, gate_up):
+        return pointwise.silu_mul(gate_up)
+    out = jax.ShapeDtypeStruct((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype)
+    return jax.ffi.ffi_call("er_jax_native_silu_mul", out, vmap_method="sequential")(
+        gate_up, isa=np.int32(_isa_code(isa)), threads=np.int32(threads or 0))
+
+
+def rope_qkv(qkv, tables, *, heads, kv_heads, ex=None, isa: str | None = None, threads: int | None = None):
+    """`pointwise.rope_qkv` in one native call: q | k | v [B, T, (H + 2 KV) hd] and the positions'
+    `rope_tables` (cos, sin f32 [B, T, hd / 2]) -> q [B, T, H, hd], k and v [B, T, KV, hd], q and k rotated."""
+    parts = heads + 2 * kv_heads
+    if getattr(qkv, "ndim", None) != 3 or heads < 1 or kv_heads < 1 or qkv.shape[-1] % parts:
+        raise ValueError(f"rope_qkv: want q | k | v [B, T, (heads + 2 kv_heads) hd] with heads={heads}, "
+                         f"kv_heads={kv_heads}; got {tuple(getattr(qkv, 'shape', ()))}")
+    b, t, n = qkv.shape
+    hd = n // parts
+    cos, sin = tables
+    if hd % 2 or any(tuple(a.shape) != (b, t, hd // 2) for a in (cos, sin)):
+        raise ValueError(f"rope_qkv: want an even head_dim and cos / sin [{b}, {t}, {hd // 2}]; got head_dim {hd}, "
+                         f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    if not _pointwise_ok(ex, qkv):
+        return pointwise.rope_qkv(qkv, tables, heads=heads, kv_heads=kv_heads)
+    outs = tuple(jax.ShapeDtypeStruct((b, t, nh * hd), qkv.dtype) for nh in (heads, kv_heads, kv_heads))
+    q, k, v = jax.ffi.ffi_call("er_jax_native_rope_qkv", outs, vmap_method="sequential")(
+        qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), heads=np.int64(heads), kv_heads=np.int64(kv_heads),
+        isa=np.int32(_isa_code(isa)), threads=np.int32(threads or 0))
+    return q.reshape(b, t, heads, hd), k.reshape(b, t, kv_heads, hd), v.reshape(b, t, kv_heads, hd)
+
+
 IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
-         "sample": sample, "sample_logits": sample_logits, "rejection_sample": rejection_sample}
+         "sample": sample, "sample_logits": sample_logits, "rejection_sample": rejection_sample,
+         "rms_norm": rms_norm, "silu_mul": silu_mul, "rope_qkv": rope_qkv}

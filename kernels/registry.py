@@ -11,7 +11,8 @@ Ops and their uniform signatures (`ex` is the step's `er_jax.execution.Execution
 - `sample(keys, logp, *, ex, greedy=False)`: one token per row from softmax(logp) (argmax when greedy); each
   backend draws with its own method from the same keys (XLA: Gumbel-max, native: inverse CDF), same law;
 - `sample_logits(keys, logits, sc, *, ex)`: (tokens, reported log-probs) from raw logits under a
-  SamplingConfig (`sampling.sample_logits_reference`: `sample` of `log_probs`), the decode steps' draw.
+  SamplingConfig (`sampling.sample_logits_reference`: `sample` of `log_probs`), the decode steps' draw;
+- `rms_norm`, `silu_mul`, `rope_qkv`: the layer's pointwise ops (`er_jax.kernels.pointwise`).
 
 A backend is a module with an `IMPLS` dict (any subset of the ops) and optionally `why_unavailable()`.
 An op a backend does not implement runs the XLA backend's (the plain-jnp reference). Adding a backend is

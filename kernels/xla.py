@@ -3,6 +3,7 @@ every other backend (`registry.lookup`). Uniform op signatures: see `registry`."
 from __future__ import annotations
 
 from er_jax.cache import write_layer
+from er_jax.kernels import pointwise
 from er_jax.kernels.attention import attention_reference
 from er_jax.kernels.quant_matmul import dequant_matmul, matmul_reference
 from er_jax.kernels.rejection import rejection_sample_reference
@@ -41,4 +42,5 @@ def sample_logits(keys, logits, sc, *, ex):
 
 
 IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
-         "rejection_sample": rejection_sample, "sample": sample, "sample_logits": sample_logits}
+         "rejection_sample": rejection_sample, "sample": sample, "sample_logits": sample_logits,
+         "rms_norm": pointwise.rms_norm, "silu_mul": pointwise.silu_mul, "rope_qkv": pointwise.rope_qkv}

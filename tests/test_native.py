@@ -494,3 +494,68 @@ def test_attention_refuses_bad_input():
         native.attention(q, k, k, jnp.zeros((1, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"\[B, S, KV, hd\]"):
         native.attention(q, k[0, 0], k[0, 0], jnp.zeros((1, 1), jnp.int32))
+
+
+# -- the layer's pointwise ops (kernels/pointwise.py) ----------------------------------------------------
+# Shapes: rows x width with widths that are and are not multiples of the vector width (scalar tails), and a
+# 64 x 576 one (SmolLM2's hidden size at batch 64) past the size from which the rows split over threads.
+POINTWISE_ROWS = ((1, 3), (5, 7), (64, 1))
+
+
+def _close(got, want, rtol, what):
+    """|got - want| <= rtol |want| + rtol * max |want| elementwise (f32 reorderings), or, for bf16 outputs,
+    one bf16 rounding on top (2^-7 relative: two nearly equal f32 values can round to neighbouring bf16)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, got.shape, want.shape)
+    g, w = (np.asarray(a.astype(jnp.float32), np.float64) for a in (got, want))
+    if want.dtype == jnp.bfloat16:
+        rtol += 2.0 ** -7
+    bound = rtol * (np.abs(w) + np.abs(w).max())
+    assert np.all(np.abs(g - w) <= bound), (what, float(np.max(np.abs(g - w) - bound)))
+
+
+@needs_native
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_pointwise_ops_every_isa(dt):
+    """rms_norm, silu_mul and rope_qkv against their references on every ISA. f32 bounds: the sum of D
+    squares in another order (gamma_D, halved by the square root) for rms_norm; a few ulps for the exp /
+    divide of silu (Cephes' expf: ~2e-7) and the fused multiply-adds of RoPE. A wrong weight, sign, branch,
+    head or table row moves an output by O(|x|)."""
+    from er_jax.kernels import pointwise as P
+    rng = np.random.default_rng(11)
+    for b, t in POINTWISE_ROWS:
+        for d in (576, 77):
+            x = jnp.asarray(rng.normal(size=(b, t, d)) * 3, dt)
+            w = jnp.asarray(1 + 0.2 * rng.normal(size=(d,)), dt)
+            want = P.rms_norm_reference(x, w, 1e-5)
+            gu = jnp.asarray(rng.normal(size=(b, t, 2 * d)) * 4, dt)  # |gate| up to ~16: both sigmoid branches
+            want_s = P.silu_mul(gu)
+            for isa in _isas():
+                _close(native.rms_norm(x, w, eps=1e-5, isa=isa), want, _gamma(d) + 8 * U, ("rms_norm", isa, d))
+                _close(native.silu_mul(gu, isa=isa), want_s, 16 * U, ("silu_mul", isa, d))
+        for heads, kv, hd in ((9, 3, 64), (2, 1, 20), (4, 2, 128)):
+            qkv = jnp.asarray(rng.normal(size=(b, t, (heads + 2 * kv) * hd)), dt)
+            pos = jnp.asarray(rng.integers(0, 5000, size=(b, t)), jnp.int32)
+            tables = P.rope_tables(pos, hd, 1e5)
+            want = P.rope_qkv(qkv, tables, heads=heads, kv_heads=kv)
+            for isa in _isas():
+                got = jax.jit(lambda a, c: native.rope_qkv(a, c, heads=heads, kv_heads=kv, isa=isa))(qkv, tables)
+                for part, g, wnt in zip("qkv", got, want):
+                    _close(g, wnt, 4 * U, ("rope_qkv", isa, hd, part))
+
+
+def test_pointwise_ops_refuse_bad_input_and_fall_back_on_a_mesh():
+    from er_jax.kernels import pointwise as P
+    x = jnp.ones((2, 3, 8))
+    with pytest.raises(ValueError, match=r"rms_norm: want x \[..., D\] and w \[D\]"):
+        native.rms_norm(x, jnp.ones((4,)), eps=1e-5)
+    with pytest.raises(ValueError, match=r"rms_norm: want"):
+        native.rms_norm(x, jnp.ones((1, 8)), eps=1e-5)
+    with pytest.raises(ValueError, match=r"silu_mul: want gate \| up \[..., 2 I\]"):
+        native.silu_mul(jnp.ones((2, 7)))
+    with pytest.raises(ValueError, match=r"rope_qkv: want q \| k \| v"):
+        native.rope_qkv(jnp.ones((2, 3, 71)), P.rope_tables(jnp.zeros((2, 3), jnp.int32), 10, 1e4), heads=3, kv_heads=1)
+    with pytest.raises(ValueError, match=r"rope_qkv: want an even head_dim and cos / sin \[2, 3, 4\]"):
+        native.rope_qkv(jnp.ones((2, 3, 40)), P.rope_tables(jnp.zeros((2, 2), jnp.int32), 8, 1e4), heads=3, kv_heads=1)
+    on_mesh = types.SimpleNamespace(mesh="a mesh")
+    hlo = jax.jit(lambda x: native.silu_mul(x, ex=on_mesh)).lower(jnp.ones((2, 8))).as_text()
+    assert "er_jax_native" not in hlo
