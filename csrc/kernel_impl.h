@@ -651,6 +651,55 @@ static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t 
 }
 #endif
 
+// The value pass of up to kKeyByKeyRows query rows with their outputs in registers: RT rows x HD / W
+// accumulators, one head's keys [0, max lim) streamed once per tile (a bf16 value row widened in registers),
+// p[r, j] * v_j added only for j < lim[r] (keys past a row's limit are read only for the tile's other rows,
+// which see them; nothing past the tile's largest limit is read). kVRegs: the ISA's vector registers.
+constexpr int kVRegs = V::W >= 16 ? 32 : 16;
+template <int HD>
+constexpr int kValueTileRows = HD > 0 ? (kVRegs - 2 * (HD / V::W) - 1) / (HD / V::W) : 0;
+
+template <int HD, int RT>
+static inline void value_tile(const void* cache, bool bf16, const float* sb, int64_t n, const int64_t* lim,
+                              int64_t key0, int64_t key_stride, float* ob, int64_t pf_bytes) {
+  constexpr int NV = HD / V::W;
+  constexpr int64_t kAhead = 32;  // keys, as attend_hd's prefetch
+  const int64_t esize = bf16 ? 2 : 4;
+  typename V::F acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int d = 0; d < NV; ++d) acc[r][d] = V::zero();
+  int64_t lo = lim[0], hi = lim[0];
+  for (int r = 1; r < RT; ++r) lo = imin(lo, lim[r]), hi = lim[r] > hi ? lim[r] : hi;
+  for (int64_t j = 0; j < hi; ++j) {
+    typename V::F vv[NV];
+    const int64_t off = key0 + j * key_stride;
+    if (pf_bytes && j + kAhead < hi)  // the first tile of the first head: the whole span of key j + kAhead
+      for (int64_t o = 0; o < pf_bytes; o += 64)
+        __builtin_prefetch(static_cast<const char*>(cache) + (off + kAhead * key_stride) * esize + o);
+    for (int d = 0; d < NV; ++d)
+      vv[d] = bf16 ? V::load_bf16(static_cast<const uint16_t*>(cache) + off + d * V::W)
+                   : V::load(static_cast<const float*>(cache) + off + d * V::W);
+    for (int r = 0; r < RT; ++r) {
+      if (j >= lo && j >= lim[r]) continue;
+      const typename V::F pb = V::bcast(sb[r * n + j]);
+      for (int d = 0; d < NV; ++d) acc[r][d] = V::fma(pb, vv[d], acc[r][d]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int d = 0; d < NV; ++d) V::store(ob + r * HD + d * V::W, acc[r][d]);
+}
+
+template <int HD, int RT>
+static inline void value_rows(int64_t rows, const void* cache, bool bf16, const float* sb, int64_t n,
+                              const int64_t* lim, int64_t key0, int64_t key_stride, float* ob, int64_t pf_bytes) {
+  if constexpr (RT >= 1) {
+    int64_t r = 0;
+    for (; r + RT <= rows; r += RT, pf_bytes = 0)
+      value_tile<HD, RT>(cache, bf16, sb + r * n, n, lim + r, key0, key_stride, ob + r * HD, pf_bytes);
+    if (r < rows) value_rows<HD, RT - 1>(rows - r, cache, bf16, sb + r * n, n, lim + r, key0, key_stride, ob + r * HD, pf_bytes);
+  }
+}
+
 template <int HD>
 static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1) {
   constexpr int kScoreKeys = 4, kValueKeys = 8;  // keys processed together in each pass (many rows)
@@ -742,8 +791,21 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
              [&](int64_t j, int64_t h) { score_keys<HD, kScoreKeys>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); },
              score_one);
   for (int64_t h = 0; h < hrows; ++h) softmax_row(sbuf + h * n, lim[h % rows], n, a.kv_bf16);
-  if (by_key) for_keys(One{}, a.v, value_one, value_one);
-  else
+  // A bf16 cache with few rows: outputs in registers (value_tile); the f32 one reads twice the bytes and is
+  // bound by them, and there the key-by-key order below (each key's heads in one contiguous read) is faster.
+  const bool tiled = by_key && a.kv_bf16 && kValueTileRows<HD> >= 1;
+  if constexpr (kValueTileRows<HD> >= 1) {
+    if (tiled) {
+      for (int64_t j = 0; j < kAhead; ++j) prefetch(a.v, j);
+      for (int64_t kv = kv0; kv < kv1; ++kv) {
+        const int64_t h = kv - kv0;
+        value_rows<HD, kValueTileRows<HD>>(rows, a.v, a.kv_bf16, sbuf + h * rows * n, n, lim, base + kv * hd,
+                                           key_stride, obuf + h * rows * hd, kv == kv0 ? span : 0);
+      }
+    }
+  }
+  if (by_key && !tiled) for_keys(One{}, a.v, value_one, value_one);
+  else if (!by_key)
     for_keys(Value{}, a.v,
              [&](int64_t j, int64_t h) { accumulate_keys<HD, kValueKeys>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd, lim); },
              value_one);
