@@ -335,22 +335,26 @@ def test_attention_every_isa(dt):
 
 
 @needs_native
-def test_attention_never_reads_past_a_rows_keys():
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_attention_never_reads_past_a_rows_keys(dt):
     """Cache rows past a query's position may hold anything (NaN here): the kernel must not read them, on
-    any ISA, at hd = 64 (the unrolled kernels) and 20 (the run-time loop), for decode and verify rows."""
+    any ISA, at hd = 64 / 128 (the unrolled kernels; a bf16 cache's value pass in register tiles) and 20 (the
+    run-time loop), for decode and verify rows. Tolerances as in test_attention_every_isa."""
     from er_jax.kernels.attention import attention_reference
     rng = np.random.default_rng(11)
-    for (B, S, KV, G, hd, T) in ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8)):
+    tol = 2e-5 if dt == "float32" else 3e-2
+    for (B, S, KV, G, hd, T) in ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8), (2, 30, 2, 2, 128, 3)):
         k, v = (rng.normal(size=(1, B, S, KV, hd)).astype(np.float32) for _ in range(2))
         pos = rng.integers(0, S - T, size=(B, 1)) + np.arange(T)[None, :]
-        q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), jnp.float32)
+        q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
         past = np.arange(S)[None, :] > pos.max(axis=1)[:, None]  # [B, S]: no query of the row sees these keys
-        ref = attention_reference(q, jnp.asarray(k[0]), jnp.asarray(v[0]), jnp.asarray(pos, jnp.int32))
+        ref = attention_reference(q, jnp.asarray(k[0], dt), jnp.asarray(v[0], dt), jnp.asarray(pos, jnp.int32))
         k[:, past], v[:, past] = np.nan, np.nan
         for isa in _isas():
-            got = native.attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos, jnp.int32), layer=0, isa=isa)
-            err = float(jnp.max(jnp.abs(got - ref)))
-            assert err < 2e-5, (isa, (B, S, KV, G, hd, T), err)
+            got = native.attention(q, jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(pos, jnp.int32), layer=0,
+                                   isa=isa)
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
+            assert err < tol, (isa, (B, S, KV, G, hd, T), err)
 
 
 # -- sampling -----------------------------------------------------------------------------------------
