@@ -960,11 +960,11 @@ ffi::Error run_rows(ffi::ThreadPool& tp, const char* what, RowProblem& p, ffi::A
   const int64_t rows = rows_of(xd);
   auto w = widths.begin();
   int i = 0;
-  for (auto* o : outs) {
+  for (auto* o : outs) {  // any shape of rows x *w elements (the caller's: no reshape, no copy after the call)
     const auto od = (*o)->dimensions();
-    if ((*o)->element_type() != xt || od.size() != xd.size() || od.back() != *w || rows_of(od) != rows)
-      return invalid(std::string(what) + ": output " + std::to_string(i) + " must be x's dtype, [" +
-                     std::to_string(rows) + " rows, " + std::to_string(*w) + "]; got " + dims_str(od));
+    if ((*o)->element_type() != xt || static_cast<int64_t>((*o)->element_count()) != rows * *w)
+      return invalid(std::string(what) + ": output " + std::to_string(i) + " must be x's dtype, " +
+                     std::to_string(rows) + " rows of " + std::to_string(*w) + "; got " + dims_str(od));
     p.y[i++] = (*o)->untyped_data();
     ++w;
   }

@@ -177,11 +177,18 @@ def matmul(x, w, *, ex=None, name=None, isa: str | None = None, threads: int | N
     f32_gemv = isa is None and m < XLA_F32_BELOW_M and x.dtype == w.dtype == jnp.float32
     if f32_gemv or not (_native_ok(x, m, n, k, "dense", isa) and jnp.dtype(w.dtype) in _NATIVE_DTYPES):
         return matmul_reference(x, w)
-    code = _isa_code(isa)
-    y = jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((m, n), x.dtype),
-                         vmap_method="expand_dims")(x.reshape(m, k), w, isa=np.int32(code),
-                                                               threads=np.int32(threads or 0))
-    return y.reshape(*x.shape[:-1], n)
+    x2 = _rows(x)
+    return jax.ffi.ffi_call("er_jax_native_dense", jax.ShapeDtypeStruct((*x2.shape[:-1], n), x.dtype),
+                            vmap_method="expand_dims")(x2, w, isa=np.int32(_isa_code(isa)),
+                                                       threads=np.int32(threads or 0)).reshape(*x.shape[:-1], n)
+
+
+def _rows(x):
+    """x as the handlers take it: leading dimensions (with unbatched weights, all of them are rows of one
+    matmul) kept as they are, so that XLA inserts no copy between the model's [B, T, ...] arrays and a
+    call (reshaping [B, 1, K] to [B, K] and back made it copy, with a size-1 axis laid out as the major
+    one, around every call); a vector becomes one row."""
+    return x.reshape(1, -1) if x.ndim == 1 else x
 
 
 def _panel_matmul(x, pa: PanelArray, isa, threads):
@@ -209,14 +216,16 @@ def _panel_matmul(x, pa: PanelArray, isa, threads):
     _check_x(x, k, "matmul")
     if not (jnp.dtype(x.dtype) in _NATIVE_DTYPES and m > 0 and available() and platform() == "cpu"):
         return matmul_reference(x, pa)
-    code, x2 = _isa_code(isa), x.reshape(m, k)
+    code = _isa_code(isa)
     target, operands = {"dense": ("er_jax_native_panel", (d,)), "int8": ("er_jax_native_panel_int8", (d, pa.scale)),
                         "int4": ("er_jax_native_panel_int4", (d, pa.scale, pa.zero))}[scheme]
-    run = lambda xs: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((xs.shape[0], n), x.dtype),
+    run = lambda xs: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*xs.shape[:-1], n), x.dtype),
                                       vmap_method="expand_dims")(xs, *operands, isa=np.int32(code),
                                                                  threads=np.int32(threads or 0))
-    y = run(x2) if m <= MAX_M else jnp.concatenate([run(x2[i:i + MAX_M]) for i in range(0, m, MAX_M)])
-    return y.reshape(*x.shape[:-1], n)
+    if m <= MAX_M:
+        return run(_rows(x)).reshape(*x.shape[:-1], n)
+    x2 = x.reshape(m, k)
+    return jnp.concatenate([run(x2[i:i + MAX_M]) for i in range(0, m, MAX_M)]).reshape(*x.shape[:-1], n)
 
 
 def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None, threads: int | None = None):
@@ -250,9 +259,8 @@ def quant_matmul(x, qa, *, ex=None, name=None, isa: str | None = None, threads: 
     m = math.prod(x.shape[:-1])
     if not _native_ok(x, m, n, k, "quant", isa):
         return quant_matmul_reference(x, qa)
-    code = _isa_code(isa)
-    out = jax.ShapeDtypeStruct((m, n), x.dtype)
-    x2 = x.reshape(m, k)
+    code, x2 = _isa_code(isa), _rows(x)
+    out = jax.ShapeDtypeStruct((*x2.shape[:-1], n), x.dtype)
     if qa.scheme == "int8":
         y = jax.ffi.ffi_call("er_jax_native_int8", out, vmap_method="expand_dims")(
             x2, qa.data, qa.scale, isa=np.int32(code), threads=np.int32(threads or 0))
@@ -281,10 +289,11 @@ def attention(q, k, v, q_pos, *, ex=None, layer=None, isa: str | None = None, th
                  and q.ndim == 4 and available() and platform() == "cpu")
     if not native_ok:
         return attention_reference(q, k[layer], v[layer], q_pos)
-    return jax.ffi.ffi_call("er_jax_native_attention", jax.ShapeDtypeStruct(q.shape, q.dtype),
-                            vmap_method="sequential")(q, k, v, q_pos.astype(jnp.int32),
-                                                      jnp.asarray(layer, jnp.int32), isa=np.int32(_isa_code(isa)),
-                                                      threads=np.int32(threads or 0))
+    # The output as [B, T, H * hd] (what the model's next matmul takes, so XLA copies nothing in between).
+    o = jax.ffi.ffi_call("er_jax_native_attention", jax.ShapeDtypeStruct((*q.shape[:2], q.shape[2] * q.shape[3]), q.dtype),
+                         vmap_method="sequential")(q, k, v, q_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32),
+                                                   isa=np.int32(_isa_code(isa)), threads=np.int32(threads or 0))
+    return o.reshape(q.shape)
 
 
 def kv_write(k_all, v_all, k, v, positions, *, ex=None, layer):
@@ -395,11 +404,10 @@ def rope_qkv(qkv, tables, *, heads, kv_heads, ex=None, isa: str | None = None, t
                          f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if not _pointwise_ok(ex, qkv):
         return pointwise.rope_qkv(qkv, tables, heads=heads, kv_heads=kv_heads)
-    outs = tuple(jax.ShapeDtypeStruct((b, t, nh * hd), qkv.dtype) for nh in (heads, kv_heads, kv_heads))
-    q, k, v = jax.ffi.ffi_call("er_jax_native_rope_qkv", outs, vmap_method="sequential")(
+    outs = tuple(jax.ShapeDtypeStruct((b, t, nh, hd), qkv.dtype) for nh in (heads, kv_heads, kv_heads))
+    return jax.ffi.ffi_call("er_jax_native_rope_qkv", outs, vmap_method="sequential")(
         qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), heads=np.int64(heads), kv_heads=np.int64(kv_heads),
         isa=np.int32(_isa_code(isa)), threads=np.int32(threads or 0))
-    return q.reshape(b, t, heads, hd), k.reshape(b, t, kv_heads, hd), v.reshape(b, t, kv_heads, hd)
 
 
 IMPLS = {"matmul": matmul, "quant_matmul": quant_matmul, "attention": attention, "kv_write": kv_write,
