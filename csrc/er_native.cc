@@ -13,9 +13,10 @@
 //   er_jax_native_kv_write(k_all, v_all, k, v, pos, layer) -> (k_all, v_all)   the KV cache write, in place
 //   er_jax_native_rms_norm / _silu_mul / _rope_qkv     a decoder layer's pointwise ops (below)
 // y has x's dtype; accumulation is f32. Every handler takes the int32 attributes `isa` (0: the process
-// default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16, 5: amx) and `threads` (0: the default, else a cap for this call). Leading dimensions (from vmap_method="expand_dims") are
-// broadcast: an operand's leading dimension is 1 or the output's; weights without batch dimensions let
-// all of x's leading rows run as one matmul (the weights are read once).
+// default, 1: portable, 2: avx2, 3: avx512, 4: avx512bf16, 5: amx) and `threads` (0: the default, else a cap for this call). The weights' leading
+// dimensions are batch axes (vmap_method="expand_dims" puts them in front of every operand), each 1 or the
+// output's; x's other leading dimensions are rows (M), so weights without batch dimensions let all of x's
+// leading rows run as one matmul (the weights are read once).
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -168,7 +169,7 @@ bool self_check(const Kernels* kern) {
       if (!agrees(p)) return false;
     }
   }
-  // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K across a k block (kPanelKC = 256);
+  // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K = 300 (int4: groups and padding);
   // K = 256 and 19 rows also for AMX's whole 32-row tiles and its 16-row M tiles (a full one and a partial one).
   for (const int64_t PK : {300, 256}) {
     const int64_t PN = 2 * kern->col_align + kPanelCols;
@@ -677,11 +678,21 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     return invalid("panel weights must be [..., N / 16, K, 16], got " + dims_str(wfull));
   const bool int8 = f == kInt8 || f == kInt8Panel;  // a per-column scale [1, N], applied in finalize()
   const auto wd = panels ? wfull.first(wfull.size() - 1) : wfull;
-  if (xd.size() < 2 || wd.size() < 2 || yd.size() < 2) return invalid("operands must be at least 2-D");
-  const int64_t M = xd[xd.size() - 2], K = xd[xd.size() - 1];
+  if (xd.size() < 2 || wd.size() < 2 || yd.size() != xd.size())
+    return invalid("x must be at least 2-D, w at least 2-D and the output of x's rank; got x " + dims_str(xd) +
+                   ", w " + dims_str(wd) + ", output " + dims_str(yd));
+  // w's leading dimensions are vmap's batch axes, the first nb of x's and the output's (expand_dims puts them
+  // in front); x's other leading dimensions are rows, M of them in all.
+  const size_t nd = yd.size(), nb = wd.size() - 2;
+  if (nb > nd - 2) return invalid("w " + dims_str(wd) + " has more batch dimensions than x " + dims_str(xd) + " has leading ones");
+  int64_t M = 1;
+  for (size_t i = nb; i + 1 < nd; ++i) M *= yd[i];
+  const int64_t K = xd[nd - 1];
   const int64_t R = panels ? wd[wd.size() - 1] : wd[wd.size() - 2];
   const int64_t N = panels ? wd[wd.size() - 2] * kPanelCols : wd[wd.size() - 1];
-  if (yd[yd.size() - 2] != M || yd[yd.size() - 1] != N)
+  bool rows_match = yd[nd - 1] == N;
+  for (size_t i = nb; i + 1 < nd; ++i) rows_match = rows_match && xd[i] == yd[i];
+  if (!rows_match)
     return invalid("output shape " + dims_str(yd) + " does not match x " + dims_str(xd) + " @ w " + dims_str(wd));
   int64_t group = 128, S = 0;
   if (int4) {
@@ -700,33 +711,31 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   for (const ffi::AnyBuffer* b : {scale, zero}) {
     if (!b) continue;
     const auto bd = b->dimensions();
-    if (bd.size() < 2 || bd[bd.size() - 1] != N || (int4 && bd[bd.size() - 2] != S))
+    if (bd.size() != nb + 2 || bd[bd.size() - 1] != N || (int4 && bd[bd.size() - 2] != S))
       return invalid("scale / zero shape " + dims_str(bd) + " does not match the weight " + dims_str(wd));
   }
 
-  // Leading (batch) dimensions, right-aligned against the output's.
-  const size_t lead = yd.size() - 2;
+  // The batch axes: each operand's is 1 (broadcast) or the output's.
   const int64_t wsize = f == kF32 || f == kF32Panel ? 4 : f == kBF16 || f == kBF16Panel ? 2 : 1;
   std::vector<Operand> ops = {{"x", xd, M * K * (x_bf16 ? 2 : 4)}, {"w", wd, R * N * wsize}};
   if (scale) ops.push_back({"scale", scale->dimensions(), (int4 ? S : 1) * N * 4});
   if (zero) ops.push_back({"zero", zero->dimensions(), S * N});
-  std::vector<std::vector<int64_t>> strides(ops.size(), std::vector<int64_t>(lead, 0));
-  bool weights_batched = false;
+  std::vector<std::vector<int64_t>> strides(ops.size(), std::vector<int64_t>(nb, 0));
+  bool weights_batched = false, x_full = true;  // x_full: x has every batch axis of the output
   for (size_t o = 0; o < ops.size(); ++o) {
-    const auto& od = ops[o].dims;
-    if (od.size() - 2 > lead) return invalid(std::string(ops[o].name) + " has more leading dimensions than the output");
     int64_t stride = ops[o].batch_stride_bytes;
-    for (size_t i = 0; i < od.size() - 2; ++i) {
-      const size_t di = od.size() - 3 - i, yi = lead - 1 - i;
-      if (od[di] != 1 && od[di] != yd[yi])
-        return invalid(std::string(ops[o].name) + " " + dims_str(od) + " does not broadcast to the output " + dims_str(yd));
-      strides[o][yi] = od[di] == 1 ? 0 : stride;
-      if (od[di] != 1 && o > 0) weights_batched = true;
-      stride *= od[di];
+    for (size_t i = nb; i-- > 0;) {
+      const int64_t d = ops[o].dims[i];
+      if (d != 1 && d != yd[i])
+        return invalid(std::string(ops[o].name) + " " + dims_str(ops[o].dims) + " does not broadcast to the output " + dims_str(yd));
+      strides[o][i] = d == 1 ? 0 : stride;
+      if (d != 1 && o > 0) weights_batched = true;
+      if (o == 0 && d != yd[i]) x_full = false;
+      stride *= d;
     }
   }
   int64_t batch = 1;
-  for (size_t i = 0; i < lead; ++i) batch *= yd[i];
+  for (size_t i = 0; i < nb; ++i) batch *= yd[i];
 
   const int64_t threads = call_threads(tp, max_threads);
   ffi::ThreadPool* xla_pool = threading().use_xla ? &tp : nullptr;
@@ -738,8 +747,6 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
   p.group = int4 ? group : 128;
   p.rows = R;
   const int64_t y_stride = M * N * (x_bf16 ? 2 : 4);
-  bool x_full = true;  // x carries every leading dimension of the output
-  for (size_t i = 0; i < lead; ++i) x_full = x_full && (yd[i] == 1 || strides[0][i] != 0);
   if (!weights_batched && x_full) {  // one matmul of batch * M rows: the weights are read once
     p.m = batch * M;
     p.w = w.untyped_data();
@@ -749,10 +756,10 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     run_matmul(kern, xla_pool, threads, p, x.untyped_data(), x_bf16, out, wbytes);
     return ffi::Error::Success();
   }
-  std::vector<int64_t> idx(lead, 0);
+  std::vector<int64_t> idx(nb, 0);
   for (int64_t b = 0; b < batch; ++b) {
     int64_t off[4] = {0, 0, 0, 0};
-    for (size_t i = 0; i < lead; ++i)
+    for (size_t i = 0; i < nb; ++i)
       for (size_t o = 0; o < ops.size(); ++o) off[o] += idx[i] * strides[o][i];
     p.m = M;
     p.w = static_cast<const char*>(w.untyped_data()) + off[1];
@@ -760,7 +767,7 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
     p.zero = zero ? static_cast<const uint8_t*>(zero->untyped_data()) + off[3] : nullptr;
     const Output out{static_cast<char*>(y->untyped_data()) + b * y_stride, x_bf16, int8 ? p.scale : nullptr};
     run_matmul(kern, xla_pool, threads, p, static_cast<const char*>(x.untyped_data()) + off[0], x_bf16, out, wbytes);
-    for (size_t i = lead; i-- > 0;) {  // row-major increment of the output's leading index
+    for (size_t i = nb; i-- > 0;) {  // row-major increment of the batch index
       if (++idx[i] < yd[i]) break;
       idx[i] = 0;
     }

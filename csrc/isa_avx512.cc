@@ -99,6 +99,7 @@ struct DpBlock {
 
 template <int MR, int NP, bool PAIRED, bool PF>
 static inline void dp_tile(const DpBlock& b, int64_t m0, float* sc, int64_t ss) {
+  constexpr int kLocality = MR > 2 ? 1 : 3;  // prefetcht2 for the tiles of many rows (the lines wait for a while)
   const __m512i perm = _mm512_load_si512(kPairs);
   const uint16_t* x = b.x + m0 * b.xs;
   __m512 acc[MR][NP];
@@ -112,7 +113,7 @@ static inline void dp_tile(const DpBlock& b, int64_t m0, float* sc, int64_t ss) 
       wv[q] = (__m512bh)(PAIRED ? v : _mm512_permutexvar_epi16(perm, v));
     }
     if constexpr (PF)  // rows k, k + 1 of the next NP panels: one 64-byte line each
-      for (int q = 0; q < NP; ++q) __builtin_prefetch(b.w + (q + NP) * b.stride + k * kPanelCols);
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(b.w + (q + NP) * b.stride + k * kPanelCols, 0, kLocality);
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * b.xs + k, 4);
@@ -142,28 +143,28 @@ static inline void dp_rem(int64_t r, bool pf, const DpBlock& b, int64_t m0, floa
   }
 }
 
-// All M rows of one block in tiles of MR (sc = &scratch[0, 16 j0 - c0]); the first tile prefetches the next
-// panels' rows when they stream from memory (not from a converted L1 block).
+// All M rows of one block in tiles of MR (sc = &scratch[0, 16 j0 - c0]); when the panels stream from memory
+// (not from a converted L1 block) the last tile prefetches the next panels' rows: the other tiles re-read
+// this block from the caches, and the first (DRAM-bound) tile then finds the next block in L2.
 template <int MR, int NP, bool PAIRED>
 static inline void dp_rows(const Problem& p, const DpBlock& b, float* sc, int64_t ss) {
-  int64_t m = 0;
-  for (; m + MR <= p.m; m += MR) {
-    if (m == 0 && !PAIRED) dp_tile<MR, NP, PAIRED, true>(b, m, sc, ss);
+  const int64_t last = p.m >= MR ? (p.m / MR - 1) * MR : 0;  // the last full tile's first row (or the only one)
+  for (int64_t m = 0; m < p.m; m += MR) {
+    const bool pf = m == last && !PAIRED;
+    if (m + MR > p.m) dp_rem<MR - 1, NP, PAIRED>(p.m - m, pf, b, m, sc + m * ss, ss);
+    else if (pf) dp_tile<MR, NP, PAIRED, true>(b, m, sc + m * ss, ss);
     else dp_tile<MR, NP, PAIRED, false>(b, m, sc + m * ss, ss);
   }
-  if (m < p.m) dp_rem<MR - 1, NP, PAIRED>(p.m - m, m == 0 && !PAIRED, b, m, sc + m * ss, ss);
 }
 
-// bf16 panels, as panel_group (kernel_impl.h), k blocks of kPanelKC rows (even: pairs never straddle).
+// bf16 panels, as panel_group (kernel_impl.h) but all rows [k0, k1) as one block: each tile's accumulators stay
+// in registers over the whole of K (kernel_impl.h's panel_group has the measurements).
 template <int MR, int NP>
 static void panel_group_dp(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
   const uint16_t* w = static_cast<const uint16_t*>(p.w);
   const int64_t stride = p.rows * kPanelCols;
-  for (int64_t kb = k0; kb < k1; kb += kPanelKC) {
-    const int64_t ke = imin(kb + kPanelKC, k1);
-    const DpBlock b{w + j0 * stride + kb * kPanelCols, stride, ke - kb, p.xb + kb, p.k, p.x + ke - 1, p.xs, nullptr};
-    dp_rows<MR, NP, false>(p, b, sc, ss);
-  }
+  const DpBlock b{w + j0 * stride + k0 * kPanelCols, stride, k1 - k0, p.xb + k0, p.k, p.x + k1 - 1, p.xs, nullptr};
+  dp_rows<MR, NP, false>(p, b, sc, ss);
 }
 
 // int8 / int4 panels times bf16 x (a bf16 target's activations, or f32 ones rounded to bf16 on request,

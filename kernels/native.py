@@ -290,7 +290,8 @@ def attention(q, k, v, q_pos, *, ex=None, layer=None, isa: str | None = None, th
     if not native_ok:
         return attention_reference(q, k[layer], v[layer], q_pos)
     # The output as [B, T, H * hd] (what the model's next matmul takes, so XLA copies nothing in between).
-    o = jax.ffi.ffi_call("er_jax_native_attention", jax.ShapeDtypeStruct((*q.shape[:2], q.shape[2] * q.shape[3]), q.dtype),
+    b, t, h, hd = q.shape
+    o = jax.ffi.ffi_call("er_jax_native_attention", jax.ShapeDtypeStruct((b, t, h * hd), q.dtype),
                          vmap_method="sequential")(q, k, v, q_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32),
                                                    isa=np.int32(_isa_code(isa)), threads=np.int32(threads or 0))
     return o.reshape(q.shape)

@@ -343,7 +343,8 @@ def test_attention_never_reads_past_a_rows_keys(dt):
     from er_jax.kernels.attention import attention_reference
     rng = np.random.default_rng(11)
     tol = 2e-5 if dt == "float32" else 3e-2
-    for (B, S, KV, G, hd, T) in ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8), (2, 30, 2, 2, 128, 3)):
+    shapes = ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8), (2, 30, 2, 2, 128, 3))
+    for (B, S, KV, G, hd, T) in shapes:
         k, v = (rng.normal(size=(1, B, S, KV, hd)).astype(np.float32) for _ in range(2))
         pos = rng.integers(0, S - T, size=(B, 1)) + np.arange(T)[None, :]
         q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
