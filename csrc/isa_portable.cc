@@ -29,6 +29,13 @@ struct V {
     }
     return r;
   }
+  static void store_bf16(uint16_t* p, F a) {  // round to nearest even; NaN stays NaN (quiet)
+    for (int i = 0; i < W; ++i) {
+      uint32_t u;
+      std::memcpy(&u, &a.v[i], 4);
+      p[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
   static F load_i8(const int8_t* p) { F r; for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
   static I load_u8_i32(const uint8_t* p) { I r; for (int i = 0; i < W; ++i) r.v[i] = p[i]; return r; }
   static F fnmadd(F a, F b, F c) { for (int i = 0; i < W; ++i) c.v[i] -= a.v[i] * b.v[i]; return c; }

@@ -5,7 +5,7 @@
 //              load_bf16 (W bf16 -> f32), load_i8 (W int8 -> f32), load_u8_i32 (W uint8 -> int32),
 //              fnmadd(a, b, c) = c - a * b, mul, cvt_u8 (W uint8 -> f32),
 //              load_u4 (W bytes -> their low / high nibbles as f32), div, max, and_ge, floor, pow2i,
-//              hsum, hsum4, hmax };
+//              hsum, hsum4, hmax, store_bf16 (W floats -> bf16, round to nearest even) };
 // and the register-tile shapes kMR1/kNV1 (M == 1), kMR2/kNV2 (M == 2), kMRB/kNVB (M >= 3); for panel-major
 // weights, kPNP1 / kPNP2 panels at M = 1 / 2 and kPMRB rows x kPNPB panels at M >= 3.
 //
@@ -907,12 +907,9 @@ static inline void row_out(const float* src, int64_t n, void* dst, bool bf16, in
     return;
   }
   uint16_t* d = static_cast<uint16_t*>(dst) + off;
-  for (int64_t i = 0; i < n; ++i) {  // f32_to_bf16_rne without a branch, so that it vectorizes
-    uint32_t u;
-    std::memcpy(&u, src + i, 4);
-    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
-    d[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : r);
-  }
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::store_bf16(d + i, V::load(src + i));
+  for (; i < n; ++i) d[i] = f32_to_bf16_rne(src[i]);
 }
 
 static inline float silu_scalar(float g) { return g / (1.f + std::exp(-g)); }
