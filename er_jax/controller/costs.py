@@ -130,11 +130,11 @@ _CPU_XLA = HardwareConstants(bw=1.5e10, flops=5e10, eta_d=7.0, c_t=2e-6, c_d=2e-
                              o_t=3e-4, o_d=1e-4, o_v=3e-4, platform="cpu")
 _DEFAULTS = {
     # 2 CPU cores (AVX-512), f32, the native backend (the CPU default) on panel-major, fused weights: fitted
-    # from a sweep of SmolLM2 with the int8 drafter + int8 head (experiments/results/calibration_cpu_native_zen4.json,
-    # Zen 4, 2026-12-04). The fixed costs o_* (attention, sampling, per-call overhead over 30 layers) carry
-    # most of a small-batch step; bw and flops are fitted slopes, not the machine's peaks.
-    "cpu": HardwareConstants(bw=5.44e10, flops=1.52e11, eta_d=0.13, c_t=3.2e-6, c_d=3.7e-6, c_v=3.9e-6,
-                             o_t=1.50e-2, o_d=4.7e-3, o_v=1.19e-2, platform="cpu"),
+    # from a sweep of SmolLM2 with the int8 drafter + int8 head (experiments/results/calibration_cpu_native_zen4_1206.json,
+    # Zen 4, 2026-12-06). The fixed costs o_* (attention, sampling, per-call overhead over 30 layers) carry
+    # much of a small-batch step; bw and flops are fitted slopes, not the machine's peaks.
+    "cpu": HardwareConstants(bw=3.09e10, flops=1.69e11, eta_d=0.13, c_t=3.6e-6, c_d=2.4e-6, c_v=4.6e-6,
+                             o_t=5.5e-3, o_d=4.8e-3, o_v=5.1e-3, platform="cpu"),
     # H100-ish: 3.0 TB/s HBM, 400 TFLOP/s bf16 dense (sustained, not peak).
     "gpu": HardwareConstants(bw=3.0e12, flops=4e14, eta_d=1.3, c_t=1e-5, c_d=5e-6, c_v=1e-5,
                              o_t=1.5e-4, o_d=5e-5, o_v=2e-4, platform="gpu"),
