@@ -12,15 +12,11 @@ import jax.numpy as jnp
 from er_jax.cache import KVCache
 from er_jax.config import DTYPES, ModelConfig
 from er_jax.execution import Execution
-from er_jax.kernels.pointwise import rms_norm_reference, rope_reference, rope_tables, silu_mul_reference
+from er_jax.kernels.pointwise import rope_reference, rope_tables, silu_mul_reference
 from er_jax.panels import pack_weights
 from er_jax.quant import QuantArray
 
 DEFAULT_EXECUTION = Execution()  # XLA, one device, stacked layers
-
-def rms_norm(x, w, eps):
-    return rms_norm_reference(x, w, eps)
-
 
 def rope(x, positions, theta):
     """Rotate-half RoPE (Hugging Face layout). x [B, T, heads, hd], positions int [B, T]."""

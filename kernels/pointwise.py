@@ -27,8 +27,9 @@ def silu_mul_reference(gate, up):
 
 def rope_tables(positions, head_dim, theta):
     """cos and sin of RoPE's angles at `positions` (int [B, T]): f32 [B, T, hd/2] each. `model.forward`
-    computes them once for all layers (inside each layer's XLA fusion they were recomputed for every
-    element of q and k: ~6 ms of a 64-row SmolLM2 step on a 2-core CPU)."""
+    computes them once for all layers and the native `rope_qkv` reads them (XLA, left to itself, fuses them
+    into every layer's rotation and recomputes them per element of q and k: ~6 ms of a 64-row SmolLM2 step
+    on a 2-core CPU)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
     return jnp.cos(ang), jnp.sin(ang)

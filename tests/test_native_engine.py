@@ -70,8 +70,8 @@ def test_int8_head_logits(backend):
 
 
 def _normed(cfg, w, x):
-    from er_jax.model import rms_norm
-    return rms_norm(x, w["final_norm"], cfg.rms_norm_eps)
+    from er_jax.kernels.pointwise import rms_norm_reference
+    return rms_norm_reference(x, w["final_norm"], cfg.rms_norm_eps)
 
 
 def test_rollout_drafter_head_plumbing():

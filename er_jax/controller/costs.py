@@ -130,9 +130,10 @@ _CPU_XLA = HardwareConstants(bw=1.5e10, flops=5e10, eta_d=7.0, c_t=2e-6, c_d=2e-
                              o_t=3e-4, o_d=1e-4, o_v=3e-4, platform="cpu")
 _DEFAULTS = {
     # 2 CPU cores (AVX-512), f32, the native backend (the CPU default) on panel-major, fused weights: fitted
-    # from a sweep of SmolLM2 with the int8 drafter + int8 head (experiments/results/calibration_cpu_native_zen4_1206.json,
-    # Zen 4, 2026-12-06). The fixed costs o_* (attention, sampling, per-call overhead over 30 layers) carry
-    # much of a small-batch step; bw and flops are fitted slopes, not the machine's peaks.
+    # from a sweep of SmolLM2 with the int8 drafter + int8 head (Zen 4, 2026-12-06;
+    # experiments/results/calibration_cpu_native_zen4_1206.json). The fixed costs o_* (attention, sampling,
+    # per-call overhead over 30 layers) carry much of a small-batch step; bw and flops are fitted slopes, not
+    # the machine's peaks.
     "cpu": HardwareConstants(bw=3.09e10, flops=1.69e11, eta_d=0.13, c_t=3.6e-6, c_d=2.4e-6, c_v=4.6e-6,
                              o_t=5.5e-3, o_d=4.8e-3, o_v=5.1e-3, platform="cpu"),
     # H100-ish: 3.0 TB/s HBM, 400 TFLOP/s bf16 dense (sustained, not peak).
