@@ -18,6 +18,7 @@ from er_jax.quant import QuantArray
 
 DEFAULT_EXECUTION = Execution()  # XLA, one device, stacked layers
 
+
 def rope(x, positions, theta):
     """Rotate-half RoPE (Hugging Face layout). x [B, T, heads, hd], positions int [B, T]."""
     return rope_reference(x, rope_tables(positions, x.shape[-1], theta))
