@@ -9,12 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from er_jax import sharding
 from er_jax.cache import KVCache
 from er_jax.config import DTYPES, ModelConfig
 from er_jax.execution import Execution
 from er_jax.kernels.pointwise import rope_reference, rope_tables, silu_mul_reference
 from er_jax.panels import pack_weights
-from er_jax.quant import QuantArray
+from er_jax.quant import QuantArray, derive_drafter
 
 DEFAULT_EXECUTION = Execution()  # XLA, one device, stacked layers
 
@@ -179,8 +180,20 @@ def execution_layout(weights, ex: Execution, head=None):
     drafter). Derive it again after every weight update; the result is read-only."""
     if ex.layout != "unstacked":
         return weights
-    weights = unstack_layers(weights)
-    return pack_weights(weights, head) if ex.backend == "native" else weights
+    return pack_weights(weights, head) if ex.backend == "native" else unstack_layers(weights)
+
+
+def drafter_layout(weights, ex: Execution, scheme: str, head: str = "shared", target_head=None,
+                   group_size: int = 128):
+    """`execution_layout(derive_drafter(weights, scheme, group_size, head), ex, target_head)`, the drafter as `ex`
+    runs it (placed on `ex.mesh` when there is one); on the native backend's per-layer layout the quantization
+    is fused with the packing (`pack_weights(..., drafter=)`)."""
+    if ex.layout == "unstacked" and ex.backend == "native" and ex.mesh is None:
+        return pack_weights(weights, target_head, drafter=scheme, drafter_head=head, group_size=group_size)
+    drafter = derive_drafter(weights, scheme, group_size, head)
+    if ex.mesh is not None:
+        drafter = sharding.shard_weights(drafter, ex.mesh)
+    return execution_layout(drafter, ex, target_head)
 
 
 def init_weights(config: ModelConfig, key, scale: float = 0.02):

@@ -6,15 +6,19 @@ short row segments at once, which left the f32 kernels at 3-4 GB/s for M >= 3; d
 quantized PanelArray is a `QuantArray` re-laid out: int8 codes with `scale` f32 [1, N], or int4's bytes
 (two codes of one column per byte, [N / 16, Kp / 2, 16]) with its `scale` / `zero` [Kp / G, N] unchanged.
 The execution layout (`pack_weights`, run after every policy update by `SpecRollout` through
-`model.execution_layout`) derives it from the stacked contract; the reference (`unpack`) transposes back.
+`model.execution_layout` and, with the drafter's quantization fused in, `model.drafter_layout`) derives it from
+the stacked contract; the reference (`unpack`) transposes back.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from er_jax.quant import QuantArray, dequantize, drafter_head_matrix
+from er_jax.config import DRAFTER_HEADS, SCHEMES, check_choice
+from er_jax.quant import QuantArray, dequantize, drafter_head_matrix, quantize_int8, quantize_projections
 from er_jax.weight_spec import PROJECTIONS
 
 PANEL = 16  # columns per panel (csrc/er_native.h: kPanelCols)
@@ -127,30 +131,60 @@ def _fuse(lw: dict) -> dict:
     return out
 
 
-def pack_weights(weights, head: PanelArray | None = None):
-    """The native backend's execution layout of unstacked weights (`model.unstack_layers`): every projection
-    that `can_pack` (dense, int8 or int4) becomes a PanelArray, q / k / v and gate / up fused into one each
-    (`FUSED`), and the LM head becomes one too, as `lm_head_p`: a drafter's own quantized head (`lm_head_q`,
-    which it replaces), else `head` when given (a drafter sharing the target's packed head), else the tied
-    embedding or `lm_head`. A bf16 embedding is kept as its uint16 bits (`model.embed_rows` reads them): XLA's CPU
-    backend gathers a bf16 table through an f32 copy of it, and in the drafter's loop it hoisted that
-    whole-table conversion out of the loop — 28 M elements per speculative step for SmolLM2, 41 ms of a 170 ms
-    step. Everything else (norms, biases) is left as it is."""
-    layers = weights["layers"]
-    if not isinstance(layers, (list, tuple)):
-        raise ValueError("pack_weights: expects the unstacked layout (model.unstack_layers) of the weights")
-    packed = tuple(_fuse({n: pack(w) if n in PROJECTIONS and can_pack(w) else w for n, w in lw.items()})
-                   for lw in layers)
-    out = {**weights, "layers": packed}
-    if weights["embed"].dtype == jnp.bfloat16:
-        out["embed"] = jax.lax.bitcast_convert_type(weights["embed"], jnp.uint16)
-    own = weights.get("lm_head_q")
-    if own is not None:
-        if can_pack(own):
-            out["lm_head_p"] = pack(own)
-            del out["lm_head_q"]
-    elif head is not None:
+def pack_weights(weights, head: PanelArray | None = None, *, drafter: str | None = None,
+                 drafter_head: str = "shared", group_size: int = 128):
+    """The native backend's execution layout of stacked weights (the contract), one dict per layer
+    (`model.unstack_layers`): every projection that `can_pack` (dense, int8 or int4) becomes a PanelArray, q / k /
+    v and gate / up fused into one each (`FUSED`), and the LM head becomes one too, as `lm_head_p`: a drafter's own
+    quantized head (`lm_head_q`, which it replaces), else `head` when given (a drafter sharing the target's packed
+    head), else the tied embedding or `lm_head`. A bf16 embedding is kept as its uint16 bits (`model.embed_rows`
+    reads them): XLA's CPU backend gathers a bf16 table through an f32 copy of it, and in the drafter's loop it
+    hoisted that whole-table conversion out of the loop — 28 M elements per speculative step for SmolLM2, 41 ms of
+    a 170 ms step. Everything else (norms, biases) is left as it is.
+
+    drafter: derive the self-drafter on the way: the layout of `er_jax.quant.derive_drafter(weights, drafter,
+    group_size, drafter_head)`, its quantization fused with the packing. All of it runs as one XLA program over
+    what it changes (the layers, the head, a bf16 embedding); every other leaf is the caller's own array (a
+    program's outputs are fresh buffers: a shared embedding or head would be copied). Op by op, SmolLM2's layout
+    took 0.5-0.8 s per update and its int8 drafter's derivation and layout 0.35-0.5 s; as one program 0.24 s and
+    0.17 s (docs/cpu_profile.md, "Per-update layout")."""
+    if not isinstance(weights["layers"], dict):
+        raise ValueError("pack_weights: expects the stacked layout (weights['layers'] a dict of [L, ...] arrays, "
+                         f"the contract), got {type(weights['layers']).__name__}")
+    if drafter is not None:
+        check_choice("drafter scheme", drafter, SCHEMES)
+        check_choice("drafter head", drafter_head, DRAFTER_HEADS)
+    own = "int8" if drafter is not None and drafter_head == "int8" else "lm_head_q" if "lm_head_q" in weights else None
+    top = {k: weights[k] for k in ("embed", "lm_head", "lm_head_q") if k in weights}
+    layers, head_p, embed = _pack(weights["layers"], top, drafter, group_size, own, share=head is not None)
+    out = {**weights, "layers": layers}
+    if embed is not None:
+        out["embed"] = embed
+    if isinstance(head_p, PanelArray):
+        out["lm_head_p"] = head_p
+        out.pop("lm_head_q", None)
+    elif head_p is not None:
+        out["lm_head_q"] = head_p
+    elif own is None and head is not None:
         out["lm_head_p"] = head
-    elif can_pack(drafter_head_matrix(weights)):
-        out["lm_head_p"] = pack(drafter_head_matrix(weights))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("drafter", "group_size", "own", "share"))
+def _pack(layers, top, drafter, group_size, own, share):
+    """pack_weights' program: (packed layers, packed head or None, bf16 embedding's bits or None)."""
+    if drafter is not None:
+        layers = {**layers, **quantize_projections(layers, drafter, group_size)}
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    packed = tuple(_fuse({name: pack(w) if name in PROJECTIONS and can_pack(w) else w
+                          for name, w in jax.tree_util.tree_map(lambda a, i=i: a[i], layers).items()})
+                   for i in range(n))
+    if own == "int8":
+        src = quantize_int8(drafter_head_matrix(top))
+    elif own == "lm_head_q":
+        src = top["lm_head_q"]
+    else:
+        src = None if share else drafter_head_matrix(top)
+    head = pack(src) if can_pack(src) else src if own == "int8" else None  # an unpackable own head stays a QuantArray
+    embed = jax.lax.bitcast_convert_type(top["embed"], jnp.uint16) if top["embed"].dtype == jnp.bfloat16 else None
+    return packed, head, embed

@@ -11,7 +11,6 @@ embedding transposed, [D, V] with one scale per vocabulary entry); the target ke
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +91,14 @@ def dequantize(qa: QuantArray, dtype=jnp.float32):
     return w.reshape(*codes.shape[:-2], kp, n)[..., : qa.in_features, :].astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "group_size"))
-def _quantize_projections(layers, scheme: str, group_size: int):
+def quantize_projections(layers, scheme: str, group_size: int = 128) -> dict:
+    """The seven projections of `layers` (any leading axes) as `scheme` QuantArrays."""
     if scheme == "int8":
         return {n: quantize_int8(layers[n]) for n in PROJECTIONS}
     return {n: quantize_int4(layers[n], group_size) for n in PROJECTIONS}
+
+
+_quantize_projections = jax.jit(quantize_projections, static_argnames=("scheme", "group_size"))
 
 
 @jax.jit
@@ -124,6 +126,13 @@ def derive_drafter(weights, scheme: str = "int4", group_size: int = 128, head: s
     if head == "int8":
         out["lm_head_q"] = _quantize_head(drafter_head_matrix(weights))
     return out
+
+
+def drafter_bytes(weights, scheme: str, group_size: int = 128, head: str = "shared") -> int:
+    """What `derive_drafter(weights, scheme, group_size, head)` adds on top of the target: its quantized
+    projections and its own int8 head, if any (from shapes alone: nothing is quantized)."""
+    d = jax.eval_shape(lambda w: derive_drafter(w, scheme, group_size, head), weights)
+    return projection_bytes(d) + head_bytes(d)
 
 
 def head_bytes(weights) -> int:

@@ -15,8 +15,8 @@ from er_jax import controller, sharding
 from er_jax.config import DRAFTER_HEADS, MODES, SCHEMES, ModelConfig, RolloutConfig, check_choice
 from er_jax.engine import MAX_DRAFT, Engine, RolloutOutput
 from er_jax.execution import resolve_execution
-from er_jax.model import execution_layout, forward, validate_weights
-from er_jax.quant import derive_drafter, head_bytes, projection_bytes
+from er_jax.model import drafter_layout, execution_layout, forward, validate_weights
+from er_jax.quant import drafter_bytes
 from er_jax.sampling import reported_log_probs, token_logprob
 
 
@@ -121,13 +121,11 @@ class SpecRollout:
         self.weights = jax.block_until_ready(execution_layout(weights, self.ex))
         self.layout_seconds.append(time.perf_counter() - t0)
         if self.speculates:
+            if not self.drafter_bytes:  # shapes are fixed (validate_weights): compute it once
+                self.drafter_bytes = drafter_bytes(weights, self.drafter_scheme, head=self.drafter_head)
             t0 = time.perf_counter()
-            drafter = derive_drafter(weights, self.drafter_scheme, head=self.drafter_head)
-            # what the drafter adds on top of the target: its quantized projections (and its int8 LM head)
-            self.drafter_bytes = projection_bytes(drafter) + head_bytes(drafter)
-            if self.mesh is not None:
-                drafter = sharding.shard_weights(drafter, self.mesh)
-            drafter = execution_layout(drafter, self.ex, self.weights.get("lm_head_p"))
+            drafter = drafter_layout(weights, self.ex, self.drafter_scheme, self.drafter_head,
+                                     self.weights.get("lm_head_p"))
             drafter["embed"] = self.weights["embed"]  # shared with the target in its layout too (not a 2nd copy)
             self.drafter = jax.block_until_ready(drafter)
             self.derive_seconds.append(time.perf_counter() - t0)

@@ -13,7 +13,7 @@ import pytest
 from er_jax.execution import Execution
 from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
-from er_jax.model import embed_rows, execution_layout, forward, logits_from_hidden, unstack_layers
+from er_jax.model import drafter_layout, embed_rows, execution_layout, forward, logits_from_hidden, unstack_layers
 from er_jax.panels import FUSED, PANEL, PanelArray, can_pack, concat, pack, pack_weights, unpack
 from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
 from er_jax.cache import init_cache
@@ -263,13 +263,44 @@ def test_execution_layout_packs_only_for_native():
                                           np.concatenate([np.asarray(unpack(pack(p))) for p in parts], axis=1))
     own = derive_drafter(w, "int8", head="int8")
     dq = execution_layout(own, native_ex, packed["lm_head_p"])
-    assert "lm_head_q" not in dq and dq["lm_head_p"].scale is own["lm_head_q"].scale
-    with pytest.raises(ValueError, match="unstacked"):
-        pack_weights(w)
+    assert "lm_head_q" not in dq
+    np.testing.assert_array_equal(np.asarray(dq["lm_head_p"].scale), np.asarray(own["lm_head_q"].scale))
+    with pytest.raises(ValueError, match="expects the stacked layout"):
+        pack_weights(unstack_layers(w))
     with pytest.raises(ValueError, match="share scheme, dtype, K and group size"):
         concat([pack(jnp.ones((8, 16))), pack(jnp.ones((9, 16)))])
     with pytest.raises(ValueError, match="share scheme"):
         concat([pack(jnp.ones((8, 16))), pack(jnp.ones((8, 16), jnp.bfloat16))])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_drafter_layout_fuses_derivation_and_packing_bit_for_bit(dtype, tie):
+    """The native drafter layout (quantization and packing in one program) is the packed layout of
+    derive_drafter's drafter, bit for bit, for both schemes and heads; the leaves it does not change are the
+    caller's own arrays (a shared embedding, LM head or packed target head is never copied)."""
+    _, w = tiny_model(tie_embeddings=tie)
+    w = jax.tree_util.tree_map(lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, w)
+    ex = Execution("native", None, "unstacked")
+    target = execution_layout(w, ex)
+    for scheme in ("int8", "int4"):
+        for head in ("shared", "int8"):
+            got = drafter_layout(w, ex, scheme, head, target["lm_head_p"])
+            want = execution_layout(derive_drafter(w, scheme, head=head), ex, target["lm_head_p"])
+            assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert (got["lm_head_p"] is target["lm_head_p"]) == (head == "shared")
+            assert got["lm_head_p"].scheme == ("int8" if head == "int8" else "dense")
+            if dtype == "float32":
+                assert got["embed"] is w["embed"]
+            if not tie:
+                assert got["lm_head"] is w["lm_head"]
+    # the stacked layout and the XLA backend: derive_drafter's drafter itself (per layer for XLA)
+    d = drafter_layout(w, Execution("xla", None, "stacked"), "int8", "int8")
+    assert d["layers"]["wq"].scheme == "int8" and d["lm_head_q"].scheme == "int8" and d["embed"] is w["embed"]
+    assert isinstance(drafter_layout(w, Execution("xla", None, "unstacked"), "int4")["layers"], tuple)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "xla"])
