@@ -146,8 +146,8 @@ def pack_weights(weights, head: PanelArray | None = None, *, drafter: str | None
     group_size, drafter_head)`, its quantization fused with the packing. All of it runs as one XLA program over
     what it changes (the layers, the head, a bf16 embedding); every other leaf is the caller's own array (a
     program's outputs are fresh buffers: a shared embedding or head would be copied). Op by op, SmolLM2's layout
-    took 0.5-0.8 s per update and its int8 drafter's derivation and layout 0.35-0.5 s; as one program 0.24 s and
-    0.17 s (docs/cpu_profile.md, "Per-update layout")."""
+    took 0.51-0.83 s per update and its int8 drafter's derivation and layout 0.31-0.41 s; as one program
+    0.14-0.28 s and 0.19-0.27 s (docs/cpu_profile.md, "2026-12-07, day")."""
     if not isinstance(weights["layers"], dict):
         raise ValueError("pack_weights: expects the stacked layout (weights['layers'] a dict of [L, ...] arrays, "
                          f"the contract), got {type(weights['layers']).__name__}")

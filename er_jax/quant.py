@@ -11,7 +11,6 @@ embedding transposed, [D, V] with one scale per vocabulary entry); the target ke
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import struct
