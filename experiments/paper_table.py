@@ -8,7 +8,8 @@ reduction vs ar, mean τ, mean γ, SD-on fraction, drafter derivation time, fina
     python experiments/paper_table.py --scale tiny    # the tiny from-scratch setting (a smoke run)
 
 Modes run in lockstep by default (step k of every mode before step k+1 of any), so a drift in the load of a
-shared machine hits every mode alike; between its steps a trainer waits offloaded to disk, so memory holds one
+shared machine hits every mode alike, and the order within a round rotates from round to round, so no mode
+always runs first or after the same one; between its steps a trainer waits offloaded to disk, so memory holds one
 trainer at a time. `--sequential` runs one mode after the other. Extra ar runs
 that differ only in their rollout streams (`--noise-seeds`) measure the run-to-run noise of the reward curve. Compiles
 happen in a warm-up before the timed steps and are reported separately.
@@ -336,8 +337,10 @@ def main(argv=None) -> int:
             if len(trainers) > 1:
                 tr.offload(os.path.join(park, name))
                 gc.collect()
+        names = list(trainers)
         for k in range(args.steps):
-            for name, tr in trainers.items():
+            for name in names[k % len(names):] + names[:k % len(names)]:  # the order rotates every round
+                tr = trainers[name]
                 if len(trainers) > 1:
                     tr.reload()
                 runs[name].append(tr.step())
