@@ -703,6 +703,9 @@ ffi::Error run_handler(ffi::ThreadPool& tp, int fmt, ffi::AnyBuffer x, ffi::AnyB
       return invalid("int4 data " + dims_str(wd) + " / scale " + dims_str(scale->dimensions()) +
                      " do not hold K = " + std::to_string(K) + " rows in whole groups");
     group = Kp / S;
+    if (f == kInt4Panel && group % 8)
+      return invalid("int4 panels need a group size that is a multiple of 8 (whole 8-row lines), got " +
+                     std::to_string(group));
   } else if (R != K) {
     return invalid("x " + dims_str(xd) + " and w " + dims_str(wd) + " disagree on K");
   }

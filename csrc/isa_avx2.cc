@@ -45,6 +45,11 @@ struct V {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F cvt_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(load_u8_i32(p)); }
+  static I load_i32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  template <int S>
+  static F u4(I v) {  // the nibble at bit S of each lane as f32
+    return _mm256_cvtepi32_ps(_mm256_and_si256(S == 0 ? v : _mm256_srli_epi32(v, S), _mm256_set1_epi32(15)));
+  }
   static void load_u4(const uint8_t* p, F& lo, F& hi) {
     const I v = load_u8_i32(p);
     lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));

@@ -47,6 +47,12 @@ struct V {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F cvt_u8(const uint8_t* p) { return _mm512_cvtepi32_ps(load_u8_i32(p)); }
+  static I load_i32(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  template <int S>
+  static F u4(I v) {  // the nibble at bit S of each lane as f32: vpermps reads an index's low 4 bits only
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutexvar_ps(S == 0 ? v : _mm512_srli_epi32(v, S), codes);
+  }
   static void load_u4(const uint8_t* p, F& lo, F& hi) {
     const I v = load_u8_i32(p);
     lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
@@ -205,12 +211,19 @@ static inline void convert_block(const Problem& p, int64_t k0, int64_t k1, int64
       }
     } else {
       const __m512i z = V::load_u8_i32(p.zero + (k0 / p.group) * p.n + (j0 + q) * kPanelCols);
-      for (int64_t r = k0 / 2; r < k1 / 2; ++r, d += 2 * kPanelCols) {  // byte row r = rows 2r, 2r + 1
-        if ((r & 3) == 0) __builtin_prefetch(s + NP * stride + r * kPanelCols);
-        const __m512i v = V::load_u8_i32(s + r * kPanelCols);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), z));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z));
-        _mm512_store_si512(d, _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+      const __m512i mask = _mm512_set1_epi32(15);
+      for (int64_t r = k0 / 2; r < k1 / 2; r += 4) {  // one line: byte rows r .. r + 3 (rows 2r .. 2r + 7)
+        __builtin_prefetch(s + NP * stride + r * kPanelCols);
+        const __m512i v = V::load_i32(s + r * kPanelCols);
+        const int64_t pairs = imin(4, k1 / 2 - r);
+        unroll<4>([&](auto j) {  // pair j: rows 2r + 2j (bits 4j of each lane) and 2r + 2j + 1 (bits 16 + 4j)
+          if (j >= pairs) return;
+          constexpr int sh = 4 * decltype(j)::value;
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(v, sh), mask), z));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 16 + sh), mask), z));
+          _mm512_store_si512(d, _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+          d += 2 * kPanelCols;
+        });
       }
     }
   }
@@ -234,50 +247,50 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
 constexpr int64_t kQuantDpMinM = 3;
 
 // int4 panels at M <= 2 (decode and draft rows) on vdpbf16ps. The f32 kernel (panel_tile_int4) is bound by
-// its instructions, not by memory: per 16 bytes (32 codes) it widens, masks, shifts and converts (5) before its
-// 2 FMAs per row of x. Here 3 instructions turn 16 bytes into 16 lanes of bf16 pairs, each code under a fixed
-// exponent (bits 0x4300 | q = the bf16 128 + q, exact): the rows 2r, 2r + 1 of a column, the pair vdpbf16ps
-// multiplies by (x[2r], x[2r + 1]). x in bf16 parts: bf16 x (or f32 x holding bf16 values) is one part and
-// the products are exact; other f32 x is two, hi = bf16(x), lo = bf16(x - hi), so x' = hi + lo (exact in f32)
-// is within 2^-16 |x| of x. The offset comes off with the zero point: sum (q - z) x' = sum (128 + q) x' -
-// (128 + z) sum x'. (docs/native.md, "int4 at M <= 2".) Needs AVX512-VBMI (vpmultishiftqb) besides.
+// its instructions, not by memory (per 16 codes a shift or mask and a conversion besides the FMA per row of x).
+// Here one 64-byte line of a panel (rows 8b .. 8b + 7, panels.py's line order) gives its four row pairs of 16
+// columns with one 16-bit shift (none for the first pair) and one vpternlogd each: the code of row 8b + 2j + e
+// sits in nibble j of word 2c + e, so (line >> 4j) & 0x000F000F | 0x43004300 puts it under a fixed exponent
+// (bits 0x4300 | q = the bf16 128 + q, exact), in lane c's pair e, the pair vdpbf16ps multiplies by
+// (x[8b + 2j], x[8b + 2j + 1]). x in bf16 parts: bf16 x (or f32 x holding bf16 values) is one part and the
+// products are exact; other f32 x is two, hi = bf16(x), lo = bf16(x - hi), so x' = hi + lo (exact in f32) is
+// within 2^-16 |x| of x. The offset comes off with the zero point: sum (q - z) x' = sum (128 + q) x' -
+// (128 + z) sum x'. (docs/native.md, "int4 at M <= 2".)
 constexpr int64_t kInt4DpMaxM = 2;
 constexpr int kInt4Offset = 128;
 
-// The bit offsets vpmultishiftqb takes from each qword of two zero-extended bytes b0 | b1 << 8: bytes 0, 2,
-// 4, 6 of the result get bits 0, 4, 8, 12 (b0's low and high nibble, b1's); the other bytes are masked off.
-constexpr uint64_t kNibbleFields = (12ull << 48) | (8ull << 32) | (4ull << 16);
-
-__attribute__((target("avx512vbmi"))) static inline __m512bh int4_pairs(const uint8_t* row) {
-  const __m512i v = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-  const __m512i f = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(kNibbleFields)), v);
+template <int J>
+static inline __m512bh int4_pairs(__m512i line) {
+  const __m512i f = J == 0 ? line : _mm512_srli_epi16(line, 4 * J);
   return (__m512bh)_mm512_ternarylogic_epi32(f, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300),
                                              0xEA);  // (f & mask) | exponent
 }
 
-// Byte rows [r0, r1) of one group of NP panels (w: panel j0's first byte, panels `stride` bytes apart) times
-// MR rows of x in P parts (xp[(m P + part) R + r - rb]: the pairs of byte row r), times the group's scale gs,
-// added into sc (row stride ss).
+// Byte rows [r0, r1) (r0 a multiple of 4: whole lines) of one group of NP panels (w: panel j0's first byte,
+// panels `stride` bytes apart) times MR rows of x in P parts (xp[(m P + part) R + r - rb]: the pairs of byte
+// row r), times the group's scale gs, added into sc (row stride ss).
 template <int MR, int NP, int P, bool PF>
-__attribute__((target("avx512vbmi"))) static inline void int4_dp_tile(const uint8_t* w, int64_t stride, int64_t r0,
-                                                                      int64_t r1, const uint32_t* xp, int64_t R,
-                                                                      int64_t rb, const float* gs, float* sc,
-                                                                      int64_t ss) {
+static inline void int4_dp_tile(const uint8_t* w, int64_t stride, int64_t r0, int64_t r1, const uint32_t* xp,
+                                int64_t R, int64_t rb, const float* gs, float* sc, int64_t ss) {
   __m512 acc[MR][NP];
   for (int m = 0; m < MR; ++m)
     for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_setzero_ps();
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512bh wv[NP];
-    for (int q = 0; q < NP; ++q) wv[q] = int4_pairs(w + q * stride + r * kPanelCols);
-    if constexpr (PF) {
-      if (r % 4 == 0)  // one prefetch per 64-byte line (4 byte rows) of the next NP panels
-        for (int q = 0; q < NP; ++q) __builtin_prefetch(w + (q + NP) * stride + r * kPanelCols);
-    }
-    for (int m = 0; m < MR; ++m)
-      for (int part = 0; part < P; ++part) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[(m * P + part) * R + r - rb]));
-        for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], wv[q], xv);
-      }
+  for (int64_t r = r0; r < r1; r += 4) {
+    __m512i line[NP];
+    for (int q = 0; q < NP; ++q) line[q] = _mm512_loadu_si512(w + q * stride + r * kPanelCols);
+    if constexpr (PF)  // this line of the next NP panels
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(w + (q + NP) * stride + r * kPanelCols);
+    const int64_t pairs = imin(4, r1 - r);
+    unroll<4>([&](auto j) {
+      if (j >= pairs) return;
+      __m512bh wv[NP];
+      for (int q = 0; q < NP; ++q) wv[q] = int4_pairs<decltype(j)::value>(line[q]);
+      for (int m = 0; m < MR; ++m)
+        for (int part = 0; part < P; ++part) {
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[(m * P + part) * R + r + j - rb]));
+          for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], wv[q], xv);
+        }
+    });
   }
   for (int m = 0; m < MR; ++m)
     for (int q = 0; q < NP; ++q) {
@@ -349,14 +362,9 @@ static void run_int4_dp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, in
     int4_zero_correction(p, k0 / p.group + g, c0, c1, acc, xsum + g, ng, static_cast<float>(kInt4Offset));
 }
 
-static bool has_vbmi() {
-  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
-  return v;
-}
-
 static void run_block_bf16(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
                            bool accumulate) {
-  if (p.fmt == kInt4Panel && p.m <= kInt4DpMaxM && has_vbmi() && p.group % 2 == 0) {
+  if (p.fmt == kInt4Panel && p.m <= kInt4DpMaxM) {
     if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
     return run_int4_dp(p, k0, k1, c0, c1, acc);
   }

@@ -42,6 +42,13 @@ struct V {
   static F mul(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] *= b.v[i]; return a; }
   static F div(F a, F b) { for (int i = 0; i < W; ++i) a.v[i] /= b.v[i]; return a; }
   static F cvt_u8(const uint8_t* p) { F r; for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
+  static I load_i32(const uint8_t* p) { I r; std::memcpy(r.v, p, sizeof r.v); return r; }
+  template <int S>
+  static F u4(I v) {  // the nibble at bit S of each lane as f32
+    F r;
+    for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>((static_cast<uint32_t>(v.v[i]) >> S) & 15u);
+    return r;
+  }
   static void load_u4(const uint8_t* p, F& lo, F& hi) {
     for (int i = 0; i < W; ++i) {
       lo.v[i] = static_cast<float>(p[i] & 15);

@@ -4,7 +4,8 @@
 //              zero, load, store, bcast, fma(a, b, c) = a * b + c, add,
 //              load_bf16 (W bf16 -> f32), load_i8 (W int8 -> f32), load_u8_i32 (W uint8 -> int32),
 //              fnmadd(a, b, c) = c - a * b, mul, cvt_u8 (W uint8 -> f32),
-//              load_u4 (W bytes -> their low / high nibbles as f32), div, max, and_ge, floor, pow2i,
+//              load_u4 (W bytes -> their low / high nibbles as f32), load_i32 (W raw 32-bit lanes),
+//              u4<S> (each lane's nibble at bit S as f32), div, max, and_ge, floor, pow2i,
 //              hsum, hsum4, hmax, store_bf16 (W floats -> bf16, round to nearest even) };
 // and the register-tile shapes kMR1/kNV1 (M == 1), kMR2/kNV2 (M == 2), kMRB/kNVB (M >= 3); for panel-major
 // weights, kPNP1 / kPNP2 panels at M = 1 / 2 and kPMRB rows x kPNPB panels at M >= 3.
@@ -18,6 +19,15 @@
 // the first re-read the block's G x (NV * W) panel from L1.
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>), in that order (compile-time indices).
+template <int N, class F>
+static inline void unroll(F&& f) {
+  if constexpr (N > 0) {
+    unroll<N - 1>(f);
+    f(std::integral_constant<int, N - 1>{});
+  }
+}
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -374,11 +384,12 @@ static void run_panels_mr(const Problem& p, int64_t k0, int64_t k1, int64_t c0, 
   });
 }
 
-// int4 panels: packed rows [r0, r1) of group g (one byte = rows 2r, 2r + 1 of a column, as tile_int4), the
-// group's partial sums times its scale added into the scratch; the zero point is subtracted per group after
-// all panels (int4_zero_correction, which reads scale / zero [Kp/G, N] as the [Kp/2, N] layout does).
+// int4 panels: rows [k0, k1) of group g (k0 a multiple of 8), one 64-byte line (8 rows x 16 columns,
+// panels.py's line order) per panel at a time: lane c of the line's 32-bit word v holds the code of row
+// 8b + t at bits 16 (t & 1) + 4 (t >> 1) (V::u4). The group's partial sums times its scale are added into the
+// scratch; the zero point is subtracted per group after all panels (int4_zero_correction).
 template <int MR, int NP, bool PF>
-static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t r0, int64_t r1, int64_t j0, const float* x,
+static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t k0, int64_t k1, int64_t j0, const float* x,
                                    float* sc, int64_t ss) {
   constexpr int NV = kPanelCols / V::W, U = NP * NV;
   const uint8_t* data = static_cast<const uint8_t*>(p.w);
@@ -386,19 +397,22 @@ static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t r0, int6
   for (int m = 0; m < MR; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
   const int64_t stride = p.rows * kPanelCols, base = j0 * stride;  // bytes between panels; panel j0's start
-  for (int64_t r = r0; r < r1; ++r) {
-    typename V::F lo[U], hi[U];
+  for (int64_t k = k0; k < k1; k += 8) {
+    const uint8_t* line = data + base + k / 2 * kPanelCols;
+    typename V::I v[U];
     for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < NV; ++v)
-        V::load_u4(data + base + q * stride + r * kPanelCols + v * V::W, lo[q * NV + v], hi[q * NV + v]);
-    if constexpr (PF) {
-      if (r % 4 == 0)  // one prefetch per 64-byte line (4 byte rows)
-        for (int q = 0; q < NP; ++q) __builtin_prefetch(data + base + (q + NP) * stride + r * kPanelCols);
-    }
-    for (int m = 0; m < MR; ++m) {
-      const typename V::F b0 = V::bcast(x[m * p.xs + 2 * r]), b1 = V::bcast(x[m * p.xs + 2 * r + 1]);
-      for (int u = 0; u < U; ++u) acc[m][u] = V::fma(b1, hi[u], V::fma(b0, lo[u], acc[m][u]));
-    }
+      for (int i = 0; i < NV; ++i) v[q * NV + i] = V::load_i32(line + q * stride + i * V::W * 4);
+    if constexpr (PF)  // this line of the next NP panels
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(line + (q + NP) * stride);
+    const int64_t rows = imin(8, k1 - k);
+    unroll<8>([&](auto t) {
+      if (t >= rows) return;
+      constexpr int shift = 16 * (decltype(t)::value & 1) + 4 * (decltype(t)::value >> 1);
+      for (int u = 0; u < U; ++u) {
+        const typename V::F w = V::template u4<shift>(v[u]);
+        for (int m = 0; m < MR; ++m) acc[m][u] = V::fma(V::bcast(x[m * p.xs + k + t]), w, acc[m][u]);
+      }
+    });
   }
   const float* scale = p.scale + g * p.n + j0 * kPanelCols;
   for (int u = 0; u < U; ++u) {
@@ -411,12 +425,12 @@ static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t r0, int6
 }
 
 template <int R, int NP>
-static inline void panel_rem_int4(int64_t r, bool pf, const Problem& p, int64_t g, int64_t r0, int64_t r1, int64_t j0,
+static inline void panel_rem_int4(int64_t r, bool pf, const Problem& p, int64_t g, int64_t k0, int64_t k1, int64_t j0,
                                   const float* x, float* sc, int64_t ss) {
   if constexpr (R >= 1) {
-    if (r != R) return panel_rem_int4<R - 1, NP>(r, pf, p, g, r0, r1, j0, x, sc, ss);
-    if (pf) panel_tile_int4<R, NP, true>(p, g, r0, r1, j0, x, sc, ss);
-    else panel_tile_int4<R, NP, false>(p, g, r0, r1, j0, x, sc, ss);
+    if (r != R) return panel_rem_int4<R - 1, NP>(r, pf, p, g, k0, k1, j0, x, sc, ss);
+    if (pf) panel_tile_int4<R, NP, true>(p, g, k0, k1, j0, x, sc, ss);
+    else panel_tile_int4<R, NP, false>(p, g, k0, k1, j0, x, sc, ss);
   }
 }
 
@@ -424,7 +438,7 @@ template <int MR, int NP>
 static void panel_group_int4(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
   const int64_t G = p.group;
   for (int64_t g = k0 / G; g * G < k1; ++g) {
-    const int64_t r0 = g * G / 2, r1 = (imin((g + 1) * G, k1) + 1) / 2;  // the padding row's x is zero
+    const int64_t r0 = g * G, r1 = imin((g + 1) * G, k1);
     int64_t m = 0;
     for (; m + MR <= p.m; m += MR) {
       if (m == 0) panel_tile_int4<MR, NP, true>(p, g, r0, r1, j0, p.x, sc, ss);

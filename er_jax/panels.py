@@ -4,7 +4,10 @@
 is one contiguous K x 16 block that a kernel streams front to back (a [K, N] matrix makes it read many
 short row segments at once, which left the f32 kernels at 3-4 GB/s for M >= 3; docs/native.md). A
 quantized PanelArray is a `QuantArray` re-laid out: int8 codes with `scale` f32 [1, N], or int4's bytes
-(two codes of one column per byte, [N / 16, Kp / 2, 16]) with its `scale` / `zero` [Kp / G, N] unchanged.
+[N / 16, Kp / 2, 16] with its `scale` / `zero` [Kp / G, N] unchanged. int4's 64-byte line b of a panel holds
+rows 8b .. 8b + 7 of its 16 columns in the order the kernels unpack (`_int4_lines`): viewed as 32 uint16
+words, word 2c + e holds in its nibble j (bits 4j .. 4j + 3) the code of row 8b + 2j + e, column c — so one
+16-bit shift and mask give the (2j, 2j + 1) row pairs of all 16 columns (docs/native.md, "int4 panel lines").
 The execution layout (`pack_weights`, run after every policy update by `SpecRollout` through
 `model.execution_layout` and, with the drafter's quantization fused in, `model.drafter_layout`) derives it from
 the stacked contract; the reference (`unpack`) transposes back.
@@ -59,9 +62,11 @@ class PanelArray:
 
 
 def can_pack(w) -> bool:
-    """A 2-D f32 / bf16 array or QuantArray whose N is a positive whole number of panels."""
+    """A 2-D f32 / bf16 array or QuantArray whose N is a positive whole number of panels (int4: with a group
+    size that is a multiple of 8, the rows of one panel line)."""
     if isinstance(w, QuantArray):
-        return w.data.ndim == 2 and w.data.shape[1] % PANEL == 0 and w.data.shape[1] > 0
+        return (w.data.ndim == 2 and w.data.shape[1] % PANEL == 0 and w.data.shape[1] > 0
+                and (w.zero is None or w.group_size % 8 == 0))
     return (hasattr(w, "ndim") and w.ndim == 2 and jnp.dtype(w.dtype) in _DENSE and w.shape[1] % PANEL == 0
             and w.shape[1] > 0 and w.shape[0] > 0)
 
@@ -71,14 +76,29 @@ def _panels(a):
     return jnp.transpose(a.reshape(k, n // PANEL, PANEL), (1, 0, 2))
 
 
+def _int4_lines(d, inverse=False):
+    """int4 panel bytes [P, Kp / 2, 16], byte r of a column = rows 2r (low nibble) and 2r + 1, <-> the line
+    order (module docstring). A row k = 8b + 4h + 2u + e sits, in line order, in byte 4c + 2e + h of line b,
+    nibble u; in row-pair order, in byte row 4b + 2h + u, nibble e."""
+    p, r, _ = d.shape
+    nib = lambda a: jnp.stack([a & 0xF, a >> 4], axis=-1)  # [..., 2] (low nibble first)
+    if not inverse:  # [P, B, h, u, e, c] -> [P, B, c, e, h, u]
+        codes = jnp.transpose(nib(d).reshape(p, r // 4, 2, 2, PANEL, 2), (0, 1, 4, 5, 2, 3))
+    else:  # [P, B, c, e, h, u] -> [P, B, h, u, c, e]
+        codes = jnp.transpose(nib(d).reshape(p, r // 4, PANEL, 2, 2, 2), (0, 1, 4, 5, 2, 3))
+    return (codes[..., 0] | (codes[..., 1] << 4)).reshape(p, r, PANEL)
+
+
 def pack(w) -> PanelArray:
     """[K, N] (or a 2-D QuantArray) -> PanelArray; ValueError unless `can_pack(w)`."""
     if not can_pack(w):
         got = f"{getattr(w, 'dtype', type(w).__name__)} {getattr(w, 'shape', None)}"
         raise ValueError(f"pack: need a 2-D float32 / bfloat16 [K, N] array or QuantArray with N a positive "
-                         f"multiple of {PANEL}; got {got}")
+                         f"multiple of {PANEL} (int4: and a group size that is a multiple of 8); got {got}")
     if isinstance(w, QuantArray):
-        return PanelArray(_panels(w.data), w.in_features, w.scale, w.zero, w.group_size)
+        data = _panels(w.data)
+        return PanelArray(data if w.zero is None else _int4_lines(data), w.in_features, w.scale, w.zero,
+                          w.group_size)
     return PanelArray(_panels(w), w.shape[0])
 
 
@@ -91,7 +111,8 @@ def as_quant(pa: PanelArray) -> QuantArray:
     """A quantized PanelArray in QuantArray's own layout (what er_jax.quant's references read)."""
     if pa.scale is None:
         raise ValueError("as_quant: a dense PanelArray holds no QuantArray (use unpack)")
-    return QuantArray(_rows(pa.data), pa.scale, pa.zero, pa.scheme, pa.in_features, pa.group_size)
+    data = pa.data if pa.zero is None else _int4_lines(pa.data, inverse=True)
+    return QuantArray(_rows(data), pa.scale, pa.zero, pa.scheme, pa.in_features, pa.group_size)
 
 
 def unpack(pa: PanelArray):

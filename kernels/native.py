@@ -204,8 +204,9 @@ def _panel_matmul(x, pa: PanelArray, isa, threads):
             "int8": {"data": (jnp.int8, (d.shape[0], k, PANEL)), "scale": (jnp.float32, (1, n))},
             "int4": {"data": (jnp.uint8, (d.shape[0], groups * pa.group_size // 2, PANEL)),
                      "scale": (jnp.float32, (groups, n)), "zero": (jnp.uint8, (groups, n))}}[scheme]
-    if scheme == "int4" and (pa.group_size < 2 or pa.group_size % 2):
-        raise ValueError(f"matmul: int4 group_size must be even, got {pa.group_size}")
+    if scheme == "int4" and (pa.group_size < 8 or pa.group_size % 8):
+        raise ValueError(f"matmul: int4 panels need a group_size that is a multiple of 8 (their 8-row lines), "
+                         f"got {pa.group_size}; keep such weights as a QuantArray (panels.can_pack is False)")
     for field, spec in want.items():
         a = getattr(pa, field)
         if spec is None or jnp.dtype(a.dtype) != jnp.dtype(spec[0]) or tuple(a.shape) != spec[1]:

@@ -14,7 +14,7 @@ from er_jax.execution import Execution
 from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
 from er_jax.model import drafter_layout, embed_rows, execution_layout, forward, logits_from_hidden, unstack_layers
-from er_jax.panels import FUSED, PANEL, PanelArray, can_pack, concat, pack, pack_weights, unpack
+from er_jax.panels import FUSED, PANEL, PanelArray, as_quant, can_pack, concat, pack, pack_weights, unpack
 from er_jax.quant import QuantArray, dequantize, derive_drafter, quantize_int4, quantize_int8
 from er_jax.cache import init_cache
 from tests.helpers import tiny_model
@@ -48,6 +48,35 @@ def test_pack_int8_holds_the_quantized_weight():
     assert p4.scheme == "int4" and p4.data.shape == (3, 192, PANEL) and p4.shape == (301, 48)
     assert p4.scale is q4.scale and p4.zero is q4.zero and p4.nbytes == q4.nbytes
     np.testing.assert_array_equal(np.asarray(unpack(p4)), np.asarray(dequantize(q4, jnp.float32)))
+
+
+def test_int4_panel_lines_hold_each_code_where_the_kernels_read_it():
+    """int4 panels in line order (panels.py): the code of row 8b + 2j + e, column 16 p + c sits in nibble j of
+    the little-endian uint16 word 2c + e of panel p's 64-byte line b — read here from the codes themselves."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 16, (256, 48)).astype(np.uint8)  # K = 256 rows (2 groups), N = 3 panels
+    q4 = QuantArray(jnp.asarray(codes[0::2] | (codes[1::2] << 4)), jnp.ones((2, 48)),
+                    jnp.zeros((2, 48), jnp.uint8), "int4", 256)
+    words = np.asarray(pack(q4).data).reshape(3, 32, 32, 2).astype(np.uint16)  # [panel, line, word, byte]
+    words = words[..., 0] | (words[..., 1] << 8)
+    for k in (0, 1, 2, 7, 8, 13, 127, 128, 255):
+        b, j, e = k // 8, k % 8 // 2, k % 2
+        for col in (0, 5, 16, 31, 47):
+            p, c = divmod(col, PANEL)
+            assert (int(words[p, b, 2 * c + e]) >> (4 * j)) & 0xF == codes[k, col], (k, col)
+    np.testing.assert_array_equal(np.asarray(as_quant(pack(q4)).data), np.asarray(q4.data))
+
+
+def test_int4_panels_need_whole_lines():
+    """A group size that is not a multiple of 8 cannot be laid out in 8-row lines: such a QuantArray is not
+    packed (it runs in its own layout), and a hand-made PanelArray with one is refused."""
+    q4 = quantize_int4(jnp.asarray(_data(1, 24, 32, seed=3)[1]), group_size=12)
+    assert not can_pack(q4) and can_pack(quantize_int4(jnp.ones((24, 32)), group_size=8))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack(q4)
+    bad = PanelArray(jnp.zeros((2, 12, PANEL), jnp.uint8), 24, jnp.ones((2, 32)), jnp.zeros((2, 32), jnp.uint8), 12)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native.matmul(jnp.ones((1, 24)), bad)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 24), np.float32), np.zeros((4, 32), np.int8), np.zeros((2, 4, 32)),
