@@ -236,7 +236,7 @@ def markdown(results: dict, tag: str) -> str:
              f"{c['prompts_per_step']} prompts x {c['samples']} samples per step, up to {c['max_new_tokens']} new "
              f"tokens, T = {c['temperature']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']}, drafter "
              f"{c['drafter']}, fixed γ = {c['draft_length']} for sd/toggle; modes run "
-             f"{'in lockstep' if c['interleave'] else 'one after another'}. Machine: "
+             f"{'in lockstep' if c['interleave'] else 'one after another' + (' (in reverse order, ar last)' if c.get('reverse') else '')}. Machine: "
              f"{results['machine']['device']} ({results['machine']['cpu_count']} cores, jax "
              f"{results['machine']['jax']}), load average {fmt(results.get('loadavg_start'), '{:.1f}')} → "
              f"{fmt(results.get('loadavg_end'), '{:.1f}')}.", "",
@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--noise-seeds", type=int,
                    help="extra ar runs with other rollout streams (same weights, prompts): run-to-run reward noise")
     p.add_argument("--sequential", action="store_true", help="run modes one after another (less memory)")
+    p.add_argument("--reverse", action="store_true",
+                   help="with --sequential: run them in reverse order (ar last), so a drift of the machine's speed "
+                        "over the run favours ar instead of the modes after it")
     p.add_argument("--tag", help="result name suffix (default: the scale)")
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = p.parse_args(argv)
@@ -327,7 +330,10 @@ def main(argv=None) -> int:
     # Lockstep groups: the timed modes together, then the extra ar runs (only their rewards matter; running them
     # separately keeps memory to five trainers). --sequential: every run on its own.
     # Between its steps a trainer waits offloaded to disk (weights + AdamW state), so memory holds one at a time.
-    groups = [[sp] for sp in specs] if args.sequential else [specs[:len(modes)], specs[len(modes):]]
+    if args.reverse and not args.sequential:
+        raise SystemExit("--reverse needs --sequential (lockstep rounds already rotate their order)")
+    groups = ([[sp] for sp in (specs[::-1] if args.reverse else specs)] if args.sequential
+              else [specs[:len(modes)], specs[len(modes):]])
     park = tempfile.mkdtemp(prefix="er_jax_paper_table_")
     for group in filter(None, groups):
         _, trainers = make_trainers(args, group)
@@ -365,7 +371,7 @@ def main(argv=None) -> int:
         config=dict(model=args.model, task=args.task, prompts_per_step=args.prompts_per_step, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, steps=args.steps, lr=args.lr, temperature=args.temperature,
                     seed=args.seed, draft_length=args.draft_length, drafter=args.drafter, dtype=args.dtype,
-                    modes=modes, interleave=not args.sequential, layout=args.layout, max_operand=args.max_operand,
+                    modes=modes, interleave=not args.sequential, reverse=args.reverse, layout=args.layout, max_operand=args.max_operand,
                     calibration=calibration_record(args.calibration),
                     compile_cache=bool(args.compile_cache), noise_seeds=args.noise_seeds),
         summary={m: summary[m] for m in modes}, noise_runs={n: summary[n] for n in noise},
