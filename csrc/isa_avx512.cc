@@ -246,9 +246,9 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
 // weights (at most ~2 FMAs per weight), and converting them in registers costs nothing there.
 constexpr int64_t kQuantDpMinM = 3;
 
-// int4 panels at M <= 2 (decode and draft rows) on vdpbf16ps. The f32 kernel (panel_tile_int4) is bound by
-// its instructions, not by memory (per 16 codes a shift or mask and a conversion besides the FMA per row of x).
-// Here one 64-byte line of a panel (rows 8b .. 8b + 7, panels.py's line order) gives its four row pairs of 16
+// int4 panels at M <= 2 (decode and draft rows) on vdpbf16ps, 32 products an instruction where the f32 kernel
+// (panel_tile_int4) takes a shift, a vpermps and an FMA per 16 codes and row of x; this kernel is bound by its
+// vdpbf16ps (two per 32 codes for f32 x: ~25 GB/s a Zen 4 thread). One 64-byte line of a panel (rows 8b .. 8b + 7, panels.py's line order) gives its four row pairs of 16
 // columns with one 16-bit shift (none for the first pair) and one vpternlogd each: the code of row 8b + 2j + e
 // sits in nibble j of word 2c + e, so (line >> 4j) & 0x000F000F | 0x43004300 puts it under a fixed exponent
 // (bits 0x4300 | q = the bf16 128 + q, exact), in lane c's pair e, the pair vdpbf16ps multiplies by

@@ -438,13 +438,13 @@ template <int MR, int NP>
 static void panel_group_int4(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss) {
   const int64_t G = p.group;
   for (int64_t g = k0 / G; g * G < k1; ++g) {
-    const int64_t r0 = g * G, r1 = imin((g + 1) * G, k1);
+    const int64_t g0 = g * G, g1 = imin((g + 1) * G, k1);  // the group's rows
     int64_t m = 0;
     for (; m + MR <= p.m; m += MR) {
-      if (m == 0) panel_tile_int4<MR, NP, true>(p, g, r0, r1, j0, p.x, sc, ss);
-      else panel_tile_int4<MR, NP, false>(p, g, r0, r1, j0, p.x + m * p.xs, sc + m * ss, ss);
+      if (m == 0) panel_tile_int4<MR, NP, true>(p, g, g0, g1, j0, p.x, sc, ss);
+      else panel_tile_int4<MR, NP, false>(p, g, g0, g1, j0, p.x + m * p.xs, sc + m * ss, ss);
     }
-    if (m < p.m) panel_rem_int4<MR - 1, NP>(p.m - m, m == 0, p, g, r0, r1, j0, p.x + m * p.xs, sc + m * ss, ss);
+    if (m < p.m) panel_rem_int4<MR - 1, NP>(p.m - m, m == 0, p, g, g0, g1, j0, p.x + m * p.xs, sc + m * ss, ss);
   }
 }
 
