@@ -4,6 +4,7 @@ adaptive (toggle + γ ladder: EfficientRollout), auto (ours) — and per mode: r
 reduction vs ar, mean τ, mean γ, SD-on fraction, drafter derivation time, final reward.
 
     python experiments/paper_table.py                 # --scale cpu: SmolLM2, int8 drafter, 2 prompts x 4 samples, 160 tokens, 10 steps
+    python experiments/paper_table.py --scale cpu-tail  # the same, 1 prompt x 4 samples, 256 tokens (rollout ~30% of a step)
     python experiments/paper_table.py --scale gpu     # SmolLM2, 32 prompts x 8 samples, 512 tokens, 30 steps
     python experiments/paper_table.py --scale tiny    # the tiny from-scratch setting (a smoke run)
 
