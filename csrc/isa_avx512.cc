@@ -126,8 +126,12 @@ static inline void dp_tile(const DpBlock& b, int64_t m0, float* sc, int64_t ss) 
       const __m512i v = _mm512_loadu_si512(b.w + q * b.stride + k * kPanelCols);
       wv[q] = (__m512bh)(PAIRED ? v : _mm512_permutexvar_epi16(perm, v));
     }
-    if constexpr (PF)  // rows k, k + 1 of the next NP panels: one 64-byte line each
-      for (int q = 0; q < NP; ++q) __builtin_prefetch(b.w + (q + NP) * b.stride + k * kPanelCols, 0, kLocality);
+    if constexpr (PF)  // one 64-byte line (rows k, k + 1) a panel: see kStreamAhead
+      for (int q = 0; q < NP; ++q) {
+        const uint16_t* line = b.w + q * b.stride + k * kPanelCols;
+        __builtin_prefetch(MR <= 2 ? reinterpret_cast<const char*>(line) + kStreamAhead
+                                   : reinterpret_cast<const char*>(line + NP * b.stride), 0, kLocality);
+      }
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * b.xs + k, 4);
@@ -278,8 +282,8 @@ static inline void int4_dp_tile(const uint8_t* w, int64_t stride, int64_t r0, in
   for (int64_t r = r0; r < r1; r += 4) {
     __m512i line[NP];
     for (int q = 0; q < NP; ++q) line[q] = _mm512_loadu_si512(w + q * stride + r * kPanelCols);
-    if constexpr (PF)  // this line of the next NP panels
-      for (int q = 0; q < NP; ++q) __builtin_prefetch(w + (q + NP) * stride + r * kPanelCols);
+    if constexpr (PF)  // M <= 2: ahead in the tile's own streams (kStreamAhead)
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(w + q * stride + r * kPanelCols + kStreamAhead);
     const int64_t pairs = imin(4, r1 - r);
     unroll<4>([&](auto j) {
       if (j >= pairs) return;

@@ -308,6 +308,14 @@ static void run_m(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t 
 // registers (by every M tile: the conversion is 2 instructions per W weights against MR FMAs); their scale
 // is applied in finalize().
 
+// Which lines a prefetching tile asks for. A tile of many rows (M >= 3, compute-bound) prefetches the next NP
+// panels' line, so that the next group's first tile finds its rows in L2 (panel_group). At M <= 2 the only tile
+// reads each weight once, bound by memory: it prefetches kStreamAhead bytes ahead in its own NP streams. The
+// next panels' line is a whole sweep ahead there (NP x K x 16 weights: 4.6 MB in f32 at Qwen2.5-1.5B's down
+// projection, past the 1 MB L2), and that rule cost the M <= 2 kernels 10-30% of their bandwidth
+// (docs/native.md, "Prefetch at M <= 2").
+constexpr int64_t kStreamAhead = 256;
+
 template <int FMT, int MR, int NP, bool PF>
 static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t j0, const float* x, float* sc,
                               int64_t ss) {
@@ -325,9 +333,10 @@ static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t 
       for (int v = 0; v < NV; ++v) w[q * NV + v] = load_w<WF>(p.w, base + q * stride + k * kPanelCols + v * V::W);
     if constexpr (PF) {
       if (k % line_rows == 0)  // one prefetch per 64-byte line
-        for (int q = 0; q < NP; ++q)
-          __builtin_prefetch(static_cast<const char*>(p.w) + (base + (q + NP) * stride + k * kPanelCols) * esize, 0,
-                             kLocality);
+        for (int q = 0; q < NP; ++q) {
+          const char* line = static_cast<const char*>(p.w) + (base + q * stride + k * kPanelCols) * esize;
+          __builtin_prefetch(MR <= 2 ? line + kStreamAhead : line + NP * stride * esize, 0, kLocality);
+        }
     }
     for (int m = 0; m < MR; ++m) {
       const typename V::F b = V::bcast(x[m * p.xs + k]);
@@ -402,8 +411,8 @@ static inline void panel_tile_int4(const Problem& p, int64_t g, int64_t k0, int6
     typename V::I v[U];
     for (int q = 0; q < NP; ++q)
       for (int i = 0; i < NV; ++i) v[q * NV + i] = V::load_i32(line + q * stride + i * V::W * 4);
-    if constexpr (PF)  // this line of the next NP panels
-      for (int q = 0; q < NP; ++q) __builtin_prefetch(line + (q + NP) * stride);
+    if constexpr (PF)
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(line + q * stride + (MR <= 2 ? kStreamAhead : NP * stride));
     const int64_t rows = imin(8, k1 - k);
     unroll<8>([&](auto t) {
       if (t >= rows) return;
