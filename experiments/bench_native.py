@@ -6,7 +6,9 @@ of f32 weights), native f32, native bf16, native int8, native int4 (both in er_j
 layout), and native f32 / int8 / int4 on panel-major weights (er_jax.panels: what SpecRollout runs). Each timing is one jitted chain of matmuls over enough distinct weight copies that the working
 set exceeds the 32 MiB L3 where it can (<= 16 copies, >= 64 MiB; `in_l3` flags the rest), each matmul depending on
 the previous one so none run concurrently; the per-matmul time is the chain's over its length. Systems
-alternate within each repeat (order rotated) and medians over repeats are reported. The "model step"
+alternate within each repeat (order rotated) and medians over repeats are reported. A read-bandwidth
+probe (jax's sum over 256 MiB) takes its turn in the same rotation, and each fraction of read bandwidth
+divides by the probe's median over those repeats (this VM's bandwidth moves by 1.5x within minutes). The "model step"
 rows (--model-step) time all 7 projections of SmolLM2's 30 layers in one chain (what a decode step
 streams; slow to compile).
 
@@ -39,6 +41,8 @@ MODELS = {  # Qwen first: its MLP shapes carry the targets, and a run stopped ea
 SYSTEMS = ("xla_f32", "native_f32", "native_bf16", "native_int8", "native_int4", "panel_f32", "panel_int8", "panel_int4")
 MS = (1, 2, 4, 8, 16, 32, 64)
 L3_BYTES = 32 << 20
+READ = "read"  # the read-bandwidth probe, timed in the same rotation as the systems (this VM's bandwidth drifts
+READ_BYTES = 256 << 20  # by 1.5x within minutes): a sum over 256 MiB, well past the L3
 
 
 def shapes(model: str) -> dict:
@@ -110,24 +114,33 @@ def bench_case(kns, ms, reps, rng, systems=SYSTEMS):
     ws, one, copies = {}, {}, {}
     for s in systems:
         ws[s], one[s], copies[s] = weights_for(s, kns, rng)
-    out = {s: {} for s in systems}
+    out = {s: {} for s in (*systems, READ)}
     ks = [k for k, _ in kns]
+    probe = jnp.ones((READ_BYTES // 4,), jnp.float32)
+    read = jax.jit(jnp.sum)
+    jax.block_until_ready(read(probe))
     for m in ms:
         xs = {k: jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)) for k in set(ks)}
         fns = {s: chain_fn(s, ks * copies[s]) for s in systems}
         for s in systems:
             jax.block_until_ready(fns[s](xs, ws[s]))  # compile + warm
-        times = {s: [] for s in systems}
+        times = {s: [] for s in (*systems, READ)}
+        rotation = (*systems, READ)
         for r in range(reps):
-            order = systems[r % len(systems):] + systems[:r % len(systems)]
+            order = rotation[r % len(rotation):] + rotation[:r % len(rotation)]
             for s in order:
-                times[s].append(time_chain(fns[s], xs, ws[s]) / copies[s])
+                if s == READ:
+                    times[s].append(time_chain(lambda _, p: read(p), None, probe))
+                else:
+                    times[s].append(time_chain(fns[s], xs, ws[s]) / copies[s])
         for s in systems:
             t = float(np.median(times[s]))
             out[s][m] = {"s": t, "bytes": one[s], "gbs": one[s] / t / 1e9, "copies": copies[s],
                          "working_set_bytes": one[s] * copies[s], "in_l3": one[s] * copies[s] < L3_BYTES,
                          "repeats_s": times[s]}
-        print(f"  M={m:3d} " + "  ".join(f"{s} {out[s][m]['gbs']:6.2f} GB/s" for s in systems), flush=True)
+        t = float(np.median(times[READ]))
+        out[READ][m] = {"s": t, "bytes": READ_BYTES, "gbs": READ_BYTES / t / 1e9, "repeats_s": times[READ]}
+        print(f"  M={m:3d} " + "  ".join(f"{s} {out[s][m]['gbs']:6.2f} GB/s" for s in (*systems, READ)), flush=True)
     return out
 
 
@@ -156,13 +169,13 @@ def plot(res: dict, path: str) -> None:
     cols = 4
     rows = -(-len(cases) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    bw = res["read_bandwidth_gbs"]
     for ax, case in zip(axes.flat, cases):
         data = res["cases"][case]
+        bw = float(np.median([v["gbs"] for v in data[READ].values()]))
         for s in SYSTEMS:
             ms = sorted(int(m) for m in data[s])
             ax.plot(ms, [data[s][m]["gbs"] for m in ms], marker="o", ms=3, label=s)
-        ax.axhline(bw, color="k", ls="--", lw=0.8, label="read bandwidth")
+        ax.axhline(bw, color="k", ls="--", lw=0.8, label="read bandwidth (same repeats)")
         ax.axhline(0.7 * bw, color="k", ls=":", lw=0.8, label="70% of it")
         ax.set_xscale("log", base=2)
         ax.set_title(case, fontsize=9)
@@ -186,9 +199,11 @@ def summarize(res: dict) -> None:
         if 1 not in data["xla_f32"]:
             continue
         base = data["xla_f32"][1]["s"]
+        bw = data[READ][1]["gbs"]  # measured between the systems' repeats, not once at the start
         summary[case] = {s: {"speedup_vs_xla_f32": base / data[s][1]["s"], "gbs": data[s][1]["gbs"],
-                             "fraction_of_read_bw": data[s][1]["gbs"] / res["read_bandwidth_gbs"]}
+                             "fraction_of_read_bw": data[s][1]["gbs"] / bw}
                          for s in SYSTEMS}
+        summary[case][READ] = {"gbs": bw}
     res["m1_summary"] = summary
     targets = {}
     for case in summary:
@@ -221,7 +236,7 @@ def main(argv=None):
     ms = (1, 16) if args.quick else tuple(args.ms)
     t0 = time.time()
     res["read_bandwidth_gbs"] = read_bandwidth(1 << 29 if args.quick else 1 << 30) / 1e9
-    print(f"read bandwidth (jax sum over 1 GiB): {res['read_bandwidth_gbs']:.2f} GB/s; load {os.getloadavg()}",
+    print(f"read bandwidth at the start (jax sum over 1 GiB): {res['read_bandwidth_gbs']:.2f} GB/s; load {os.getloadavg()}",
           flush=True)
     for model in args.models:
         for name, (k, n) in shapes(model).items():
