@@ -1,5 +1,6 @@
 """AR decode throughput: er_jax vs transformers' `generate` (torch CPU) on SmolLM2, plus the per-step time
-against the memory roofline (weight bytes + KV bytes per step over the measured copy bandwidth).
+against the memory roofline (weight bytes + KV bytes per step over the copy bandwidth, timed in the same
+rotation as the systems: this VM's bandwidth moves by 1.5x within minutes).
 
     python experiments/bench_ar.py [--batches 1 16] [--new-tokens 64]
     python experiments/bench_ar.py --presets qwen2.5-1.5b qwen2.5-7b --batches 1 8 32 64   # GPU: real shapes
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--context", type=int, default=1024, help="--presets: cached tokens per row")
     ap.add_argument("--kernels", nargs="+", default=["xla", "native"], help="er_jax backends compared")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--out", help="file under experiments/results/ (default bench_ar_<machine>.json)")
     args = ap.parse_args()
     xla_cache.enable()  # warm-ups compile once per machine, not once per run
     if args.presets:
@@ -126,7 +128,7 @@ def main():
     from er_jax.controller import ModelCosts
 
     path = smollm2_path()
-    bw, read_bw = copy_bandwidth(), read_bandwidth()
+    bw_start, read_bw = copy_bandwidth(), read_bandwidth()
     rows = []
     for dtype in args.dtypes:
         m = er_jax.load_model("smollm2", dtype=dtype)
@@ -137,11 +139,14 @@ def main():
             systems = {k: er_jax_runner(m, ids, args.new_tokens, k)[0] for k in args.kernels}
             hf = hf_runner(os.path.dirname(path), os.path.basename(path), ids, args.new_tokens, m.config.pad_id, dtype)
             walls, steps, loads = {k: [] for k in [*systems, "transformers"]}, {k: [] for k in systems}, []
+            bws = []  # copy bandwidth in the same rotation: this VM's moves by 1.5x within minutes
             for rep in range(args.reps):  # the systems alternate, order reversed every other repeat
-                order = [*systems, "transformers"]
+                order = [*systems, "transformers", "bandwidth"]
                 for k in order if rep % 2 == 0 else order[::-1]:
                     loads.append(os.getloadavg()[0])
-                    if k == "transformers":
+                    if k == "bandwidth":
+                        bws.append(copy_bandwidth(1 << 28))
+                    elif k == "transformers":
                         walls[k].append(hf())
                     else:
                         out = systems[k]()
@@ -152,10 +157,12 @@ def main():
             ctx = float(np.mean([len(i) for i in ids])) + args.new_tokens / 2
             step_bytes = costs.target_bytes + costs.kv_bytes_per_token * b * ctx
             tok = b * args.new_tokens
+            bw = float(np.median(bws))
             hf_tps = tok / np.median(walls["transformers"])
             row = {"batch": b, "dtype": dtype, "new_tokens": args.new_tokens, "load_1min": loads,
                    "transformers_tokens_per_s": {"median": hf_tps, "fastest": tok / min(walls["transformers"])},
-                   "roofline_step_ms": 1e3 * step_bytes / bw, "step_bytes": step_bytes, "er_jax": {}}
+                   "roofline_step_ms": 1e3 * step_bytes / bw, "step_bytes": step_bytes,
+                   "copy_bandwidth_GBps_repeats": [v / 1e9 for v in bws], "er_jax": {}}
             for k in systems:
                 tps = tok / np.median(walls[k])
                 step_s = float(np.median(steps[k]))
@@ -170,11 +177,12 @@ def main():
                       f"(load {np.mean(loads):.1f})", flush=True)
             rows.append(row)
     payload = {"benchmark": "bench_ar", "model": "smollm2 (GGUF dequantized)", "machine": machine(),
-               "copy_bandwidth_GBps": bw / 1e9, "read_bandwidth_GBps": read_bw / 1e9,
+               "copy_bandwidth_GBps_at_start": bw_start / 1e9, "read_bandwidth_GBps_at_start": read_bw / 1e9,
                "step_bytes": "weights a decode step reads (projections, LM head, norms) + the K/V it attends over",
-               "roofline": "step_bytes / copy bandwidth (read + write counted, as before)",
+               "roofline": "step_bytes / copy bandwidth (read + write counted, as before; each row's median of "
+                           "256 MiB copies timed in its repeats' rotation)",
                "load_average_at_end": os.getloadavg(), "rows": rows}
-    print("wrote", write_json(f"bench_ar_{machine_tag()}.json", payload))
+    print("wrote", write_json(args.out or f"bench_ar_{machine_tag()}.json", payload))
 
 
 if __name__ == "__main__":
