@@ -7,7 +7,7 @@ layout), and native f32 / int8 / int4 on panel-major weights (er_jax.panels: wha
 set exceeds the 32 MiB L3 where it can (<= 16 copies, >= 64 MiB; `in_l3` flags the rest), each matmul depending on
 the previous one so none run concurrently; the per-matmul time is the chain's over its length. Systems
 alternate within each repeat (order rotated) and medians over repeats are reported. A read-bandwidth
-probe (jax's sum over 256 MiB) takes its turn in the same rotation, and each fraction of read bandwidth
+probe (`common.read_bandwidth` over 256 MiB) takes its turn in the same rotation, and each fraction of read bandwidth
 divides by the probe's median over those repeats (this VM's bandwidth moves by 1.5x within minutes). The "model step"
 rows (--model-step) time all 7 projections of SmolLM2's 30 layers in one chain (what a decode step
 streams; slow to compile).
@@ -116,9 +116,6 @@ def bench_case(kns, ms, reps, rng, systems=SYSTEMS):
         ws[s], one[s], copies[s] = weights_for(s, kns, rng)
     out = {s: {} for s in (*systems, READ)}
     ks = [k for k, _ in kns]
-    probe = jnp.ones((READ_BYTES // 4,), jnp.float32)
-    read = jax.jit(jnp.sum)
-    jax.block_until_ready(read(probe))
     for m in ms:
         xs = {k: jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)) for k in set(ks)}
         fns = {s: chain_fn(s, ks * copies[s]) for s in systems}
@@ -130,7 +127,7 @@ def bench_case(kns, ms, reps, rng, systems=SYSTEMS):
             order = rotation[r % len(rotation):] + rotation[:r % len(rotation)]
             for s in order:
                 if s == READ:
-                    times[s].append(time_chain(lambda _, p: read(p), None, probe))
+                    times[s].append(READ_BYTES / read_bandwidth(READ_BYTES))
                 else:
                     times[s].append(time_chain(fns[s], xs, ws[s]) / copies[s])
         for s in systems:
