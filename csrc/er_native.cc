@@ -562,9 +562,11 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     }
     return;
   }
-  // x as f32, row stride xs; zero padding up to an even K for int4 (the high nibble of the last byte).
+  // x as f32, row stride xs; zero padding up to an even K for int4 (the high nibble of the last byte). Quantized
+  // weights take 16-bit activations (the paper's W4A16): f32 x is rounded to bf16 values.
   const bool pad = (p.fmt == kInt4 || p.fmt == kInt4Panel) && (p.k & 1);
-  if (!x_bf16 && !pad) {
+  const bool round = !x_bf16 && (p.fmt == kInt8 || p.fmt == kInt8Panel || p.fmt == kInt4 || p.fmt == kInt4Panel);
+  if (!x_bf16 && !pad && !round) {
     p.x = static_cast<const float*>(x);
     p.xs = p.k;
   } else {
@@ -577,7 +579,11 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
         const uint16_t* s = static_cast<const uint16_t*>(x) + m * p.k;
         for (int64_t k = 0; k < p.k; ++k) d[k] = bf16_value(s[k]);
       } else {
-        std::memcpy(d, static_cast<const float*>(x) + m * p.k, sizeof(float) * p.k);
+        const float* s = static_cast<const float*>(x) + m * p.k;
+        if (round)
+          for (int64_t k = 0; k < p.k; ++k) d[k] = bf16_value(f32_to_bf16(s[k]));
+        else
+          std::memcpy(d, s, sizeof(float) * p.k);
       }
     }
     p.x = xbuf;

@@ -246,9 +246,11 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
   }
 }
 
-// Rows of M from which int8 / int4 panels take the converted-block path: below it a call streams its
-// weights (at most ~2 FMAs per weight), and converting them in registers costs nothing there.
-constexpr int64_t kQuantDpMinM = 3;
+// Rows of M from which int8 / int4 panels times bf16 x take the converted-block path; below them the panel
+// tiles convert the weights in registers and multiply f32 x (bf16 values) with FMAs. The crossovers, on
+// SmolLM2's drafter projections on Zen 4 (docs/native.md, "The drafter's 16-bit activations"): int8 at M
+// ~12, int4 at M ~6 (its register path pays a shift and a vpermps per 16 codes and row).
+constexpr int64_t kInt8DpMinM = 12, kInt4DpMinM = 6;
 
 // int4 panels at M <= 2 (decode and draft rows) on vdpbf16ps, 32 products an instruction where the f32 kernel
 // (panel_tile_int4) takes a shift, a vpermps and an FMA per 16 codes and row of x; this kernel is bound by its
@@ -372,8 +374,8 @@ static void run_block_bf16(const Problem& p, int64_t k0, int64_t k1, int64_t c0,
     if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
     return run_int4_dp(p, k0, k1, c0, c1, acc);
   }
-  const bool quant = (p.fmt == kInt8Panel || (p.fmt == kInt4Panel && p.group <= kQuantKC)) && p.m >= kQuantDpMinM &&
-                     p.k % 2 == 0;
+  const bool quant = ((p.fmt == kInt8Panel && p.m >= kInt8DpMinM) ||
+                      (p.fmt == kInt4Panel && p.group <= kQuantKC && p.m >= kInt4DpMinM)) && p.k % 2 == 0;
   if ((p.fmt != kBF16Panel && !quant) || p.xb == nullptr || (k0 & 1))
     return run_block(p, k0, k1, c0, c1, acc, accumulate);
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));

@@ -4,6 +4,10 @@
   round-to-nearest with a zero point, two 4-bit codes per byte (see docs/internals.md for the layout).
 - "int8": symmetric per-output-channel int8.
 
+Both take 16-bit activations, as the paper's drafter does: every matmul with quantized weights multiplies
+`quantized_activations(x)`, f32 x rounded to bf16 (the reference of every backend's quantized matmul, and what
+lets the native kernels run x as one bf16 part: docs/native.md, "The drafter's 16-bit activations").
+
 `derive_drafter(weights, scheme)` replaces the seven projections by `QuantArray`s and shares every other
 leaf (embeddings, LM head, norms, biases) with the target: the same array objects, not copies.
 `head="int8"` also gives the drafter its own int8 LM head (`lm_head_q`: the target's head, or the tied
@@ -39,6 +43,12 @@ class QuantArray:
     def nbytes(self) -> int:
         leaves = [self.data, self.scale] + ([] if self.zero is None else [self.zero])
         return sum(_nbytes(a) for a in leaves)
+
+
+def quantized_activations(x):
+    """What a matmul with quantized weights multiplies: f32 x rounded to the nearest bf16 (ties to even), in x's
+    dtype; 16-bit x as it is."""
+    return x.astype(jnp.bfloat16).astype(x.dtype) if x.dtype == jnp.float32 else x
 
 
 def _nbytes(a) -> int:

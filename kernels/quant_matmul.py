@@ -16,6 +16,8 @@ Kernel: grid (N blocks, M blocks, K splits). Each program loops over its K range
 (q - z) is an exact integer in x.dtype; the dot accumulates in f32. With more than one K split (decode:
 few output blocks, many SMs to fill) the programs write f32 partials that the wrapper sums.
 Weights may also come stacked [L, ...] with a (traced) `layer` index, read in place by the kernel.
+f32 x is first rounded to bf16 (`er_jax.quant.quantized_activations`: the 16-bit activations of every quantized
+matmul, on every backend).
 """
 from __future__ import annotations
 
@@ -29,29 +31,32 @@ from jax.experimental import pallas as pl
 from er_jax.kernels import (MIN_DOT, Tuning, call, check_positive_pow2, fit_block, next_pow2, resolve_interpret,
                             round_up)
 from er_jax.panels import PanelArray, unpack
-from er_jax.quant import QuantArray, dequantize
+from er_jax.quant import QuantArray, dequantize, quantized_activations
 
 TARGET_PROGRAMS = 256  # split K until about this many programs run (memory-bound decode on ~132 SMs)
 DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, DEFAULT_BLOCK_K = 64, 128, 128
 
 
 def quant_matmul_reference(x, qa: QuantArray):
-    """x @ dequantize(qa) in f32 (f32 accumulation), cast to x.dtype."""
+    """quantized_activations(x) @ dequantize(qa) in f32 (f32 accumulation), cast to x.dtype."""
     w = dequantize(qa, jnp.float32)
-    y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+    y = jnp.einsum("...k,kn->...n", quantized_activations(x).astype(jnp.float32), w,
+                   precision=lax.Precision.HIGHEST)
     return y.astype(x.dtype)
 
 
 def dequant_matmul(x, qa: QuantArray):
     """What XLA runs: dequantize to x.dtype and let XLA fuse the dot (f32 accumulation), cast to x.dtype."""
     w = dequantize(qa, x.dtype)
-    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("...k,kn->...n", quantized_activations(x), w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def matmul_reference(x, w):
-    """Dense x [..., K] @ w [K, N] (an array or an er_jax.panels.PanelArray) with f32 accumulation, cast to
-    x.dtype."""
+    """Dense x [..., K] @ w [K, N] (an array or an er_jax.panels.PanelArray; a quantized one multiplies
+    quantized_activations(x)) with f32 accumulation, cast to x.dtype."""
     if isinstance(w, PanelArray):
+        if w.scheme != "dense":
+            x = quantized_activations(x).astype(x.dtype)
         w = unpack(w)
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -224,5 +229,5 @@ def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, b
                              f"{qa.group_size}, got {block_k}")
     if split_k is not None and int(split_k) < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
-    return _quant_matmul(x, qa, layer, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-                         out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=resolve_interpret(interpret))
+    return _quant_matmul(quantized_activations(x), qa, layer, block_m=block_m, block_n=block_n, block_k=block_k,
+                         split_k=split_k, out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=resolve_interpret(interpret))

@@ -70,6 +70,22 @@ def test_quant_matmul_matches_reference(scheme, case):
     assert_close(y, quant_matmul_reference(x, qa), dtype)
 
 
+def test_quant_matmul_takes_bf16_activations():
+    """The Pallas kernel and XLA's dequantize-and-dot multiply f32 x rounded to bf16 (the paper's 16-bit
+    activations), as the reference does: their results on x and on its rounding are the same bits, and
+    differ measurably from the reference's product of x itself."""
+    from er_jax.kernels.quant_matmul import dequant_matmul
+    from er_jax.quant import dequantize
+    from tests.test_quant import bf16_round_numpy
+    x = np.asarray(_normal(3, (4, 256)))
+    xr = jnp.asarray(bf16_round_numpy(x))
+    for qa in (quantize_int4(_normal(4, (256, 64))), quantize_int8(_normal(4, (256, 64)))):
+        for op in (functools.partial(quant_matmul, interpret=True), dequant_matmul, quant_matmul_reference):
+            np.testing.assert_array_equal(np.asarray(op(jnp.asarray(x), qa)), np.asarray(op(xr, qa)))
+        unrounded = jnp.einsum("mk,kn->mn", jnp.asarray(x), dequantize(qa), precision=jax.lax.Precision.HIGHEST)
+        assert float(jnp.abs(quant_matmul_reference(jnp.asarray(x), qa) - unrounded).max()) > 100 * TOL[jnp.float32]
+
+
 @pytest.mark.slow
 def test_quant_matmul_reads_a_layer_of_a_stacked_weight_in_a_scan():
     """`layer=i` on stacked [L, K, N] weights (traced inside a scan) equals the per-layer product."""

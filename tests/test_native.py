@@ -18,7 +18,7 @@ import pytest
 
 from er_jax.kernels import native
 from er_jax.kernels.quant_matmul import matmul_reference, quant_matmul_reference
-from er_jax.quant import QuantArray, quantize_int4, quantize_int8, unpack_int4
+from er_jax.quant import QuantArray, dequantize, quantize_int4, quantize_int8, unpack_int4
 from tests.helpers import slow_after
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
@@ -165,6 +165,35 @@ def test_quant_every_isa(k, n, scheme, xdt):
             assert y.dtype == x.dtype and y.shape == (x.shape[0], n)
             # int4: group sums, the zero-point term and the scale add a few roundings per group
             _check(y, ref, x, w_abs, extra_ops=4 * (-(-k // 128)) + 4)
+
+
+@needs_native
+def test_quantized_weights_take_bf16_activations_every_isa():
+    """Quantized weights (QuantArray and panels, int8 and int4) multiply f32 x rounded to bf16, on every ISA and
+    at every M path (the M <= 2 streaming kernels, the register-converting tiles, the converted-block path
+    from kInt4DpMinM / kInt8DpMinM rows): the result is the kernel's on the rounded x, bit for bit, within f32
+    summation of numpy's rounded product, and measurably not the product of x itself."""
+    from er_jax.panels import pack
+    from tests.test_quant import bf16_round_numpy
+    k, n = 300, 208
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+    weights = {"int8": quantize_int8(w), "int4": quantize_int4(w)}
+    for m in (1, 2, 5, 8, 16):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        xr = bf16_round_numpy(x)
+        assert np.any(xr != x)
+        for scheme, qa in weights.items():
+            wq = np.asarray(dequantize(qa), np.float64)
+            want, unrounded = xr @ wq, x @ wq
+            bound = 2 * _gamma(k + 4 * 3 + 4) * (np.abs(xr) @ np.abs(wq))
+            assert np.max(np.abs(unrounded - want) - 2 * bound) > 0  # unrounded x would fail the check below
+            for isa in _isas():
+                for op, wt in ((native.quant_matmul, qa), (native.matmul, pack(qa))):
+                    y = np.asarray(op(jnp.asarray(x), wt, isa=isa))
+                    np.testing.assert_array_equal(y, np.asarray(op(jnp.asarray(xr), wt, isa=isa)),
+                                                  err_msg=f"{scheme} M={m} {isa}")
+                    assert np.all(np.abs(y - want) <= bound), f"{scheme} M={m} {isa}"
 
 
 @needs_native

@@ -14,7 +14,7 @@ from er_jax.engine import Engine
 from er_jax.execution import Execution
 from er_jax.kernels import native, registry
 from er_jax.model import forward, init_weights, logits_from_hidden, unstack_layers
-from er_jax.quant import QuantArray, derive_drafter, dequantize, head_bytes
+from er_jax.quant import QuantArray, derive_drafter, dequantize, head_bytes, quantized_activations
 from er_jax.rollout import SpecRollout
 from er_jax.sampling import log_probs
 from er_jax.config import RolloutConfig
@@ -64,7 +64,8 @@ def test_int8_head_logits(backend):
     assert got.dtype == jnp.float32 and got.shape == ref.shape
     # int8 per-row rounding: |error| <= Σ_k |x_k| · step_n / 2, a small fraction of the logits' scale.
     assert float(jnp.abs(got - ref).max()) < 0.02 * float(jnp.abs(ref).max())
-    exact = jnp.einsum("btd,dv->btv", _normed(cfg, w, x), dequantize(d["lm_head_q"]),
+    # the head's product exactly, its 16-bit activations included (er_jax.quant.quantized_activations)
+    exact = jnp.einsum("btd,dv->btv", quantized_activations(_normed(cfg, w, x)), dequantize(d["lm_head_q"]),
                        precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(got), np.asarray(exact), rtol=1e-4, atol=1e-4)
 

@@ -5,7 +5,7 @@ import pytest
 
 from er_jax.model import forward
 from er_jax.quant import (PROJECTIONS, QuantArray, dequantize, derive_drafter, projection_bytes,
-                          quantize_int4, quantize_int8)
+                          quantize_int4, quantize_int8, quantized_activations)
 from tests.helpers import tiny_model
 
 
@@ -91,3 +91,27 @@ def test_bad_scheme():
     _, w = tiny_model()
     with pytest.raises(ValueError, match="scheme"):
         derive_drafter(w, "int3")
+
+
+def bf16_round_numpy(x):
+    """f32 -> nearest bf16 (ties to even), back in f32: written independently on the bits (finite x)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def test_quantized_activations_are_bf16_rounded_to_nearest_even():
+    """The 16-bit activations every quantized matmul multiplies (the paper's W4A16): bf16 keeps 8 significant
+    bits, so 1 + 2^-8 is a tie (down to the even 1), 1 + 3 * 2^-8 a tie (up to the even 1 + 2^-6), and anything
+    past a tie goes up."""
+    x = np.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -8 + 2.0 ** -20, -(1 + 2.0 ** -8 + 2.0 ** -20),
+                  3.0, -0.0, np.inf], np.float32)
+    want = np.array([1.0, 1 + 2.0 ** -6, 1 + 2.0 ** -7, -(1 + 2.0 ** -7), 3.0, -0.0, np.inf], np.float32)
+    got = quantized_activations(jnp.asarray(x))
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
+    r = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(quantized_activations(jnp.asarray(r))), bf16_round_numpy(r))
+    assert bool(jnp.isnan(quantized_activations(jnp.float32(np.nan))))
+    xb = jnp.asarray(r, jnp.bfloat16)
+    assert quantized_activations(xb) is xb  # 16-bit x is multiplied as it is
