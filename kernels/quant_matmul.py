@@ -56,7 +56,7 @@ def matmul_reference(x, w):
     quantized_activations(x)) with f32 accumulation, cast to x.dtype."""
     if isinstance(w, PanelArray):
         if w.scheme != "dense":
-            x = quantized_activations(x).astype(x.dtype)
+            x = quantized_activations(x)
         w = unpack(w)
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -230,4 +230,5 @@ def quant_matmul(x, qa: QuantArray, *, layer=None, block_m=None, block_n=None, b
     if split_k is not None and int(split_k) < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     return _quant_matmul(quantized_activations(x), qa, layer, block_m=block_m, block_n=block_n, block_k=block_k,
-                         split_k=split_k, out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=resolve_interpret(interpret))
+                         split_k=split_k, out_dtype=jnp.dtype(out_dtype or x.dtype),
+                         interpret=resolve_interpret(interpret))
