@@ -1,9 +1,9 @@
 """Two builds' draft steps in one process (2026-12-07): the previous build's native handlers are loaded from a copy
 of its shared library and registered as old_<target>; a draft step traced while FLAG["old"] is set calls them. Both
-builds' steps (int8 / int4 drafter with the int8 head, SmolLM2 f32, context 300) and the target's AR step then
+builds' steps (int8 / int4 drafter with the int8 head, SmolLM2 in DTYPE (default float32), context 300) and the target's AR step then
 alternate in one process, so the VM's drift hits both alike. Medians and fastest of `reps`.
 
-    python experiments/results/drafter_a16_1207/draft_step_ab.py OLD.so 1,4,8,16 15 out.json
+    python experiments/results/drafter_a16_1207/draft_step_ab.py OLD.so 1,4,8,16 15 out.json [DTYPE]
 """
 import ctypes
 import functools
@@ -29,6 +29,7 @@ from er_jax.quant import derive_drafter  # noqa: E402
 from er_jax.speculative import draft  # noqa: E402
 
 old_lib, batches, reps, out_path = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
+dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
 native._load()
 old = ctypes.CDLL(old_lib)
 for name in native._TARGETS:
@@ -38,7 +39,7 @@ ffi_call = jax.ffi.ffi_call
 jax.ffi.ffi_call = lambda target, *a, **k: ffi_call(
     "old_" + target if FLAG["old"] and target.startswith("er_jax_native") else target, *a, **k)
 
-m = er_jax.load_model("smollm2", dtype="float32")
+m = er_jax.load_model("smollm2", dtype=dtype)
 cfg, sc = m.config, SamplingConfig(1.0)
 ex = Execution("native", None, "unstacked")
 spec = E.StepSpec(cfg, sc, cfg.eos_ids, ex)
@@ -46,12 +47,12 @@ weights = execution_layout(m.weights, ex)
 drafters = {s: execution_layout(derive_drafter(m.weights, s, head="int8"), ex, weights.get("lm_head_p"))
             for s in ("int8", "int4")}
 ar = jax.jit(functools.partial(E.ar_step, spec), donate_argnums=1)
-out = {"benchmark": "draft_step_ab", "machine": machine(), "old_library": old_lib, "context": 300, "reps": reps,
+out = {"benchmark": "draft_step_ab", "machine": machine(), "old_library": old_lib, "dtype": dtype, "context": 300, "reps": reps,
        "rows": {}}
 for b in batches:
     key = jax.random.key(b)
     c0 = init_cache(cfg, b, 332)
-    cache = KVCache(jax.random.normal(key, c0.k.shape) * 0.1, jax.random.normal(key, c0.v.shape) * 0.1,
+    cache = KVCache(jax.random.normal(key, c0.k.shape, c0.k.dtype) * 0.1, jax.random.normal(key, c0.v.shape, c0.v.dtype) * 0.1,
                     jnp.full((b,), 300, jnp.int32))
     keys = jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(jnp.arange(b))
     last = jnp.ones(b, jnp.int32)
