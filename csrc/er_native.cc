@@ -822,6 +822,50 @@ ffi::Error int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, 
 // [B, KV, S, hd] copy and runs B * KV tiny batched dots (docs/cpu_profile.md): ~15x the bytes' time.
 
 constexpr int64_t kAttnRows = 32;  // query rows per work item
+constexpr int64_t kAttnSplitKeys = 64;  // the fewest keys a part of a split row takes
+
+// Fewer batch rows than two per thread (decode and verify at batch 1-3, all query rows in one chunk): each
+// row's keys split into parts, two per thread, each part one item reading all KV heads of its keys (one
+// contiguous span per key) — instead of one item per KV head, three items on two threads at SmolLM2's
+// batch 1, each reading a third of every key's span. Two passes (AttnPart): every part's scores, then every
+// part's share of o from p (each row's softmax over all its keys, so p is the same as one item's), added
+// here. Returns false (nothing done) where the rows are too short to split.
+bool attend_split(const Kernels* kern, const AttnProblem& a, int64_t threads, ffi::ThreadPool* pool) {
+  std::vector<int64_t> nb(a.B, 0);  // batch row b's keys: those of its longest query row
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t t = 0; t < a.T; ++t) nb[b] = std::max<int64_t>(nb[b], std::min<int64_t>(a.pos[b * a.T + t], a.S - 1) + 1);
+  const int64_t n = *std::max_element(nb.begin(), nb.end());
+  const int64_t parts = std::min((2 * threads + a.B - 1) / a.B, n / kAttnSplitKeys);
+  if (parts < 2) return false;
+  const int64_t rows = a.T * a.G, hrows = a.KV * rows;
+  // Scores: batch row b's at sv + b * hrows * n, [hrows, nb[b]] (attend_hd's layout for an item of nb[b] keys).
+  thread_local std::vector<float> sv, ov;  // this thread's (the items run on others: plain pointers below)
+  sv.resize(a.B * hrows * n);
+  ov.resize(a.B * parts * hrows * a.hd);
+  float *s = sv.data(), *o = ov.data();
+  auto item = [&](int32_t phase) {
+    return [&, phase](int64_t i, int) {
+      const int64_t b = i / parts, p = i % parts;
+      const AttnPart part{phase, nb[b] * p / parts, nb[b] * (p + 1) / parts, s + b * hrows * n,
+                          o + i * hrows * a.hd};
+      kern->attend(a, b, 0, a.KV, 0, rows, part);
+    };
+  };
+  parallel_chunks(pool, threads, a.B * parts, item(kAttnScores));
+  parallel_chunks(pool, threads, a.B * parts, item(kAttnValues));
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t kv = 0; kv < a.KV; ++kv)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = r / a.G, g = r % a.G, off = ((b * a.T + t) * a.H + kv * a.G + g) * a.hd;
+        for (int64_t d = 0; d < a.hd; ++d) {
+          float sum = 0.f;
+          for (int64_t p = 0; p < parts; ++p) sum += o[((b * parts + p) * hrows + kv * rows + r) * a.hd + d];
+          if (a.q_bf16) static_cast<uint16_t*>(a.o)[off + d] = f32_to_bf16(sum);
+          else static_cast<float*>(a.o)[off + d] = sum;
+        }
+      }
+  return true;
+}
 
 ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> o,
@@ -858,13 +902,16 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (a.B * a.T * a.H * a.hd == 0) return ffi::Error::Success();
   const int64_t rows = a.T * a.G, chunks = (rows + kAttnRows - 1) / kAttnRows;
   const int64_t threads = call_threads(tp, max_threads);
+  ffi::ThreadPool* pool = threading().use_xla ? &tp : nullptr;
+  if (chunks == 1 && a.B < 2 * threads && attend_split(kern, a, threads, pool)) return ffi::Error::Success();
   // KV heads per work item: all of them (one contiguous read of each key's KV * hd values) when that still
   // gives each thread two items; else one (three times the items, keys KV * hd apart).
   const int64_t kvg = a.B * chunks >= 2 * threads ? a.KV : 1;
   const int64_t groups = (a.KV + kvg - 1) / kvg;
-  parallel_chunks(threading().use_xla ? &tp : nullptr, threads, a.B * groups * chunks, [&](int64_t i, int) {
+  parallel_chunks(pool, threads, a.B * groups * chunks, [&](int64_t i, int) {
     const int64_t c = i % chunks, bk = i / chunks, kv0 = (bk % groups) * kvg;
-    kern->attend(a, bk / groups, kv0, std::min(a.KV, kv0 + kvg), c * kAttnRows, std::min(rows, (c + 1) * kAttnRows));
+    kern->attend(a, bk / groups, kv0, std::min(a.KV, kv0 + kvg), c * kAttnRows, std::min(rows, (c + 1) * kAttnRows),
+                 AttnPart{kAttnWhole, 0, 0, nullptr, nullptr});
   });
   return ffi::Error::Success();
 }

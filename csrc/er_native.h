@@ -50,8 +50,23 @@ struct AttnProblem {
   bool q_bf16, kv_bf16;
 };
 
+// A work item's part of the keys (attention_impl splits the keys of batch rows that are too few to give
+// every thread work): kAttnWhole reads all of a row's visible keys and writes o; with a split, kAttnScores
+// writes the scores of keys [j0, j1) into s ([KV * rows, n] for the batch row: every query row of every KV
+// head, n its largest visible key + 1), and after every part has, kAttnValues takes p of keys [j0, j1) from
+// them (each row's softmax over all its keys) and writes that part's share of o, f32 [KV * rows, hd], to
+// o_part; attention_impl adds the parts.
+enum AttnPhase { kAttnWhole = 0, kAttnScores = 1, kAttnValues = 2 };
+struct AttnPart {
+  int32_t phase;
+  int64_t j0, j1;
+  float* s;
+  float* o_part;
+};
+
 // Query rows [r0, r1) (row = t * G + g) of batch row b, for each KV head in [kv0, kv1).
-typedef void (*AttendFn)(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1);
+typedef void (*AttendFn)(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1,
+                         const AttnPart& part);
 
 // Inverse-CDF sampling of one row of n log-weights (see sample_impl in er_native.cc); buf holds n floats;
 // *log_norm = the row's log-normalizer log(sum_j exp(logw_j)) (when the row has a finite maximum).

@@ -608,12 +608,13 @@ static inline void accumulate_keys(const float* sbuf, int64_t n, int64_t j0, int
   }
 }
 
-// Softmax of s[0, lim) in place (vector max, exp and sum); s[lim, n) = 0.
-static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16) {
-  if (lim <= 0) {
-    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-    return;
-  }
+// The max m of s[0, lim) (lim > 0) and the sum of e_j = exp(s_j - m) over it (vector max, exp and sum);
+// kStore: s[j] = e_j. softmax_row and softmax_part share it, so a row's p is the same bits in both.
+struct RowStats {
+  float m, sum;
+};
+template <bool kStore>
+static inline RowStats exp_sum(float* s, int64_t lim) {
   const int64_t lv = lim - lim % V::W;
   alignas(64) float tail[V::W];
   for (int i = 0; i < V::W; ++i) tail[i] = lv + i < lim ? s[lv + i] : s[0];  // padded with a real score
@@ -624,28 +625,59 @@ static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16
   typename V::F sumv = V::zero();
   for (int64_t j = 0; j < lv; j += V::W) {
     const typename V::F e = vexp_nonpositive(V::add(V::load(s + j), neg_m));
-    V::store(s + j, e);
+    if constexpr (kStore) V::store(s + j, e);
     sumv = V::add(sumv, e);
   }
   V::store(tail, vexp_nonpositive(V::add(V::load(tail), neg_m)));
   float sum = V::hsum(sumv);
-  for (int64_t j = lv; j < lim; ++j) sum += (s[j] = tail[j - lv]);
-  const float inv = 1.f / sum;
-  for (int64_t j = 0; j < lim; ++j) {
-    s[j] *= inv;
-    if (round_bf16) s[j] = bf16_to_f32(f32_to_bf16_rne(s[j]));
+  for (int64_t j = lv; j < lim; ++j) {
+    sum += tail[j - lv];
+    if constexpr (kStore) s[j] = tail[j - lv];
   }
+  return {m, sum};
+}
+
+static inline float round_p(float p, bool round_bf16) { return round_bf16 ? bf16_to_f32(f32_to_bf16_rne(p)) : p; }
+
+// Softmax of s[0, lim) in place; s[lim, n) = 0.
+static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16) {
+  if (lim <= 0) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+    return;
+  }
+  const float inv = 1.f / exp_sum<true>(s, lim).sum;
+  for (int64_t j = 0; j < lim; ++j) s[j] = round_p(s[j] * inv, round_bf16);
   for (int64_t j = lim; j < n; ++j) s[j] = 0.f;
 }
 
+// p[j0, j1) of softmax_row(s, lim) (0 from lim on), s left as it is: a key split's part of a row.
+static inline void softmax_part(const float* s, float* p, int64_t lim, int64_t j0, int64_t j1, bool round_bf16) {
+  const int64_t e1 = imin(j1, lim);
+  if (lim > 0) {
+    const RowStats st = exp_sum<false>(const_cast<float*>(s), lim);
+    const float inv = 1.f / st.sum;
+    const typename V::F neg_m = V::bcast(-st.m);
+    alignas(64) float e[V::W];
+    for (int64_t j = j0; j < e1; j += V::W) {
+      const int64_t w = imin(V::W, e1 - j);
+      for (int i = 0; i < V::W; ++i) e[i] = s[j + (i < w ? i : 0)];
+      V::store(e, vexp_nonpositive(V::add(V::load(e), neg_m)));
+      for (int64_t i = 0; i < w; ++i) p[j + i] = round_p(e[i] * inv, round_bf16);
+    }
+  }
+  for (int64_t j = e1 > j0 ? e1 : j0; j < j1; ++j) p[j] = 0.f;
+}
+
 #ifdef ER_NATIVE_AVX512_BF16
-// Scores of query rows [r0, r0 + rows) of batch row b against keys [0, n) of KV heads [kv0, kv1), key by
+// Scores of query rows [r0, r0 + rows) of batch row b against keys [j0, j1) of KV heads [kv0, kv1), key by
 // key, for a bf16 q and cache (hd a multiple of 32): vdpbf16ps on q's and each key's bf16 values as they
-// are (pairs along the head dimension), so no key is converted to f32; the products of two bf16 are exact,
+// are (pairs along the head dimension), so no key is converted to f32 (pf_values: the values prefetched with
+// the keys, as attend_hd's score pass does); the products of two bf16 are exact,
 // as in the f32 path, and the sums are f32 in another order (with denormals flushed, as in the bf16
 // matmul; docs/native.md). Rows not visible to a query are scored too (softmax_row ignores them).
 static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t rows,
-                          int64_t hd, float inv_sqrt, float* sbuf, int64_t n) {
+                          int64_t hd, float inv_sqrt, float* sbuf, int64_t n, int64_t j0, int64_t j1,
+                          bool pf_values) {
   const int64_t nkv = kv1 - kv0, key_stride = a.KV * hd;
   thread_local std::vector<uint16_t> qbv;
   qbv.resize(nkv * rows * hd);
@@ -657,10 +689,15 @@ static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t 
       std::memcpy(qb + ((kv - kv0) * rows + r) * hd, q + ((b * a.T + t) * a.H + kv * a.G + g) * hd, 2 * hd);
     }
   const uint16_t* keys = static_cast<const uint16_t*>(a.k) + b * a.S * key_stride;
-  for (int64_t j = 0; j < n; ++j) {
+  const uint16_t* vals = static_cast<const uint16_t*>(a.v) + b * a.S * key_stride;
+  for (int64_t j = j0; j < j1; ++j) {
     const char* ahead = reinterpret_cast<const char*>(keys + (j + 8) * key_stride + kv0 * hd);
-    if (j + 8 < n)
-      for (int64_t off = 0; off < nkv * hd * 2; off += 64) __builtin_prefetch(ahead + off);
+    const char* ahead_v = reinterpret_cast<const char*>(vals + (j + 8) * key_stride + kv0 * hd);
+    if (j + 8 < j1)
+      for (int64_t off = 0; off < nkv * hd * 2; off += 64) {
+        __builtin_prefetch(ahead + off);
+        if (pf_values) __builtin_prefetch(ahead_v + off);
+      }
     for (int64_t kv = kv0; kv < kv1; ++kv) {
       const uint16_t* kr = keys + j * key_stride + kv * hd;
       const int64_t h = kv - kv0;
@@ -677,7 +714,7 @@ static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t 
 #endif
 
 // The value pass of up to kKeyByKeyRows query rows with their outputs in registers: RT rows x HD / W
-// accumulators, one head's keys [0, max lim) streamed once per tile (a bf16 value row widened in registers),
+// accumulators, one head's keys [j0, min(j1, max lim)) streamed once per tile (a bf16 value row widened in registers),
 // p[r, j] * v_j added only for j < lim[r] (keys past a row's limit are read only for the tile's other rows,
 // which see them; nothing past the tile's largest limit is read). kVRegs: the ISA's vector registers.
 constexpr int kVRegs = V::W >= 16 ? 32 : 16;
@@ -686,7 +723,7 @@ constexpr int kValueTileRows = HD > 0 ? (kVRegs - 2 * (HD / V::W) - 1) / (HD / V
 
 template <int HD, int RT>
 static inline void value_tile(const void* cache, bool bf16, const float* sb, int64_t n, const int64_t* lim,
-                              int64_t key0, int64_t key_stride, float* ob, int64_t pf_bytes) {
+                              int64_t j0, int64_t j1, int64_t key0, int64_t key_stride, float* ob, int64_t pf_bytes) {
   constexpr int NV = HD / V::W;
   constexpr int64_t kAhead = 32;  // keys, as attend_hd's prefetch
   const int64_t esize = bf16 ? 2 : 4;
@@ -695,7 +732,8 @@ static inline void value_tile(const void* cache, bool bf16, const float* sb, int
     for (int d = 0; d < NV; ++d) acc[r][d] = V::zero();
   int64_t lo = lim[0], hi = lim[0];
   for (int r = 1; r < RT; ++r) lo = imin(lo, lim[r]), hi = lim[r] > hi ? lim[r] : hi;
-  for (int64_t j = 0; j < hi; ++j) {
+  hi = imin(hi, j1);
+  for (int64_t j = j0; j < hi; ++j) {
     typename V::F vv[NV];
     const int64_t off = key0 + j * key_stride;
     if (pf_bytes && j + kAhead < hi)  // the first tile of the first head: the whole span of key j + kAhead
@@ -716,17 +754,21 @@ static inline void value_tile(const void* cache, bool bf16, const float* sb, int
 
 template <int HD, int RT>
 static inline void value_rows(int64_t rows, const void* cache, bool bf16, const float* sb, int64_t n,
-                              const int64_t* lim, int64_t key0, int64_t key_stride, float* ob, int64_t pf_bytes) {
+                              const int64_t* lim, int64_t j0, int64_t j1, int64_t key0, int64_t key_stride, float* ob,
+                              int64_t pf_bytes) {
   if constexpr (RT >= 1) {
     int64_t r = 0;
     for (; r + RT <= rows; r += RT, pf_bytes = 0)
-      value_tile<HD, RT>(cache, bf16, sb + r * n, n, lim + r, key0, key_stride, ob + r * HD, pf_bytes);
-    if (r < rows) value_rows<HD, RT - 1>(rows - r, cache, bf16, sb + r * n, n, lim + r, key0, key_stride, ob + r * HD, pf_bytes);
+      value_tile<HD, RT>(cache, bf16, sb + r * n, n, lim + r, j0, j1, key0, key_stride, ob + r * HD, pf_bytes);
+    if (r < rows)
+      value_rows<HD, RT - 1>(rows - r, cache, bf16, sb + r * n, n, lim + r, j0, j1, key0, key_stride, ob + r * HD,
+                             pf_bytes);
   }
 }
 
 template <int HD>
-static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1) {
+static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1,
+                      const AttnPart& part) {
   constexpr int kScoreKeys = 4, kValueKeys = 8;  // keys processed together in each pass (many rows)
   // Up to this many query rows (a decode step's G, a short verify) both passes go key by key instead:
   // every key's span of KV heads is read front to back. At batch 64, 150 cached positions (f32, one
@@ -749,10 +791,11 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
     return ((b * a.T + t) * a.H + kv * a.G + g) * hd;
   };
+  const bool scores = part.phase != kAttnValues, whole = part.phase == kAttnWhole;
   for (int64_t r = 0; r < rows; ++r) {
     lim[r] = imin(a.pos[b * a.T + (r0 + r) / a.G], a.S - 1) + 1;  // visible keys [0, lim)
     if (lim[r] > n) n = lim[r];
-    for (int64_t kv = kv0; kv < kv1; ++kv) {
+    for (int64_t kv = kv0; kv < kv1 && scores; ++kv) {
       const int64_t off = q_off(kv, r);
       float* qr = qbuf + ((kv - kv0) * rows + r) * hd;
       for (int64_t d = 0; d < hd; ++d)
@@ -760,8 +803,10 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     }
   }
   const float inv_sqrt = 1.f / std::sqrt(static_cast<float>(hd));
+  // This item's keys [j0, j1); its scores (or, in the value phase, p) of row h at sbuf + h * n + j.
+  const int64_t j0 = whole ? 0 : part.j0, j1 = whole ? n : imin(part.j1, n);
   sv.resize(hrows * (n > 0 ? n : 1));
-  float* sbuf = sv.data();
+  float* sbuf = part.phase == kAttnScores ? part.s : sv.data();
   const int64_t key_stride = a.KV * hd, base = b * a.S * key_stride;
   const int64_t esize = a.kv_bf16 ? 2 : 4, span = nkv * hd * esize;  // bytes of one key this item reads
   // Key j of heads [kv0, kv1) is one contiguous span, key_stride elements after key j - 1's: prefetch
@@ -769,27 +814,42 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
   // layers at 300 positions in 49-55 ms, 32 in 43-48, 16 and 64 no better than 8).
   constexpr int64_t kAhead = 32;
   auto prefetch = [&](const void* cache, int64_t j) {
-    if (j >= n) return;
+    if (j >= j1) return;
     const char* p = static_cast<const char*>(cache) + (base + j * key_stride + kv0 * hd) * esize;
     for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(p + off);
   };
+  // The score pass prefetches the values of its keys too where they fit in L2 beside the rest (two streams
+  // in flight instead of one; the value pass then reads them from cache), and the first kAhead keys before
+  // it starts. A decode row's 30 layers at 300 positions (batch 1, f32, in the step, traced): 1.3-1.5 ms
+  // -> 1.0 ms.
+  constexpr int64_t kValuesInL2 = 256 << 10;
+  const bool pf_values = scores && (j1 - j0) * span <= kValuesInL2;
+  if (scores)
+    for (int64_t j = j0; j < imin(j0 + kAhead, j1); ++j) {
+      prefetch(a.k, j);
+      if (pf_values) prefetch(a.v, j);
+    }
   const float* rp[kValueKeys];
   auto rows_at = [&](const void* cache, int64_t j0, int nk, int64_t kv) {
     for (int u = 0; u < nk; ++u)
       rp[u] = kv_row(cache, base + (j0 + u) * key_stride + kv * hd, hd, a.kv_bf16, rowbuf + u * hd);
   };
-  // Keys [0, n) in groups of NK (then one by one): fn_group(j, h) / fn_one(j, h) for each KV head h.
+  // Keys [j0, j1) in groups of NK (then one by one): fn_group(j, h) / fn_one(j, h) for each KV head h.
   auto for_keys = [&](auto nk, const void* cache, auto&& fn_group, auto&& fn_one) {
     constexpr int NK = decltype(nk)::value;
-    int64_t j = 0;
-    for (; j + NK <= n; j += NK) {
-      for (int u = 0; u < NK; ++u) prefetch(cache, j + u + kAhead);
+    int64_t j = j0;
+    const bool values_too = pf_values && cache == a.k;
+    for (; j + NK <= j1; j += NK) {
+      for (int u = 0; u < NK; ++u) {
+        prefetch(cache, j + u + kAhead);
+        if (values_too) prefetch(a.v, j + u + kAhead);
+      }
       for (int64_t kv = kv0; kv < kv1; ++kv) {
         rows_at(cache, j, NK, kv);
         fn_group(j, kv - kv0);
       }
     }
-    for (; j < n; ++j)
+    for (; j < j1; ++j)
       for (int64_t kv = kv0; kv < kv1; ++kv) {
         rows_at(cache, j, 1, kv);
         fn_one(j, kv - kv0);
@@ -805,26 +865,32 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     accumulate_keys<HD, 1>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd, lim);
   };
   const bool by_key = rows <= kKeyByKeyRows;
+  if (scores) {
 #ifdef ER_NATIVE_AVX512_BF16
-  if (by_key && a.q_bf16 && a.kv_bf16 && hd % 32 == 0)  // vdpbf16ps on q and the cache's bf16 keys in place
-    score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n);
-  else
+    if (by_key && a.q_bf16 && a.kv_bf16 && hd % 32 == 0)  // vdpbf16ps on q and the cache's bf16 keys in place
+      score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n, j0, j1, pf_values);
+    else
 #endif
-  if (by_key) for_keys(One{}, a.k, score_one, score_one);
-  else
-    for_keys(Score{}, a.k,
-             [&](int64_t j, int64_t h) { score_keys<HD, kScoreKeys>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); },
-             score_one);
-  for (int64_t h = 0; h < hrows; ++h) softmax_row(sbuf + h * n, lim[h % rows], n, a.kv_bf16);
+    if (by_key) for_keys(One{}, a.k, score_one, score_one);
+    else
+      for_keys(Score{}, a.k,
+               [&](int64_t j, int64_t h) { score_keys<HD, kScoreKeys>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); },
+               score_one);
+  }
+  if (part.phase == kAttnScores) return;
+  for (int64_t h = 0; h < hrows; ++h) {
+    if (whole) softmax_row(sbuf + h * n, lim[h % rows], n, a.kv_bf16);
+    else softmax_part(part.s + h * n, sbuf + h * n, lim[h % rows], j0, j1, a.kv_bf16);
+  }
   // A bf16 cache with few rows: outputs in registers (value_tile); the f32 one reads twice the bytes and is
   // bound by them, and there the key-by-key order below (each key's heads in one contiguous read) is faster.
   const bool tiled = by_key && a.kv_bf16 && kValueTileRows<HD> >= 1;
   if constexpr (kValueTileRows<HD> >= 1) {
     if (tiled) {
-      for (int64_t j = 0; j < kAhead; ++j) prefetch(a.v, j);
+      for (int64_t j = j0; j < j0 + kAhead; ++j) prefetch(a.v, j);
       for (int64_t kv = kv0; kv < kv1; ++kv) {
         const int64_t h = kv - kv0;
-        value_rows<HD, kValueTileRows<HD>>(rows, a.v, a.kv_bf16, sbuf + h * rows * n, n, lim, base + kv * hd,
+        value_rows<HD, kValueTileRows<HD>>(rows, a.v, a.kv_bf16, sbuf + h * rows * n, n, lim, j0, j1, base + kv * hd,
                                            key_stride, obuf + h * rows * hd, kv == kv0 ? span : 0);
       }
     }
@@ -834,6 +900,10 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     for_keys(Value{}, a.v,
              [&](int64_t j, int64_t h) { accumulate_keys<HD, kValueKeys>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd, lim); },
              value_one);
+  if (!whole) {
+    std::memcpy(part.o_part, obuf, sizeof(float) * hrows * hd);
+    return;
+  }
   for (int64_t kv = kv0; kv < kv1; ++kv)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t off = q_off(kv, r);
@@ -845,10 +915,11 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     }
 }
 
-static void attend(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1) {
-  if (a.hd == 64) attend_hd<64>(a, b, kv0, kv1, r0, r1);
-  else if (a.hd == 128) attend_hd<128>(a, b, kv0, kv1, r0, r1);
-  else attend_hd<0>(a, b, kv0, kv1, r0, r1);
+static void attend(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t r1,
+                   const AttnPart& part) {
+  if (a.hd == 64) attend_hd<64>(a, b, kv0, kv1, r0, r1, part);
+  else if (a.hd == 128) attend_hd<128>(a, b, kv0, kv1, r0, r1, part);
+  else attend_hd<0>(a, b, kv0, kv1, r0, r1, part);
 }
 
 // ---------------------------------------------------------------------------------------------------

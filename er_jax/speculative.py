@@ -14,7 +14,6 @@ from er_jax.cache import KVCache
 from er_jax.config import ModelConfig, SamplingConfig
 from er_jax.execution import Execution
 from er_jax.model import forward
-from er_jax.sampling import log_probs
 
 
 def draft(config: ModelConfig, drafter, cache: KVCache, last, sc: SamplingConfig, keys, gamma: int,
@@ -30,7 +29,9 @@ def draft(config: ModelConfig, drafter, cache: KVCache, last, sc: SamplingConfig
         k, v, tok = carry
         logits, c = forward(config, drafter, tok[:, None], KVCache(k, v, start + i), ex=ex)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        nxt = ex.op("sample")(step_keys, log_probs(logits[:, 0], sc), ex=ex, greedy=sc.greedy)
+        # q's law straight from the logits, as the AR step draws (natively one pass, no [B, V] log_softmax;
+        # the reported log-prob it also returns is unused here and dropped by XLA)
+        nxt, _ = ex.op("sample_logits")(step_keys, logits[:, 0], sc, ex=ex)
         return (c.k, c.v, nxt), (nxt, logits[:, 0])
 
     (k, v, _), (toks, logits) = jax.lax.scan(body, (cache.k, cache.v, last), jnp.arange(gamma))

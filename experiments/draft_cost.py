@@ -72,25 +72,28 @@ def main():
                                  out_tokens=jnp.zeros((b + 1, 64), jnp.int32),
                                  out_logps=jnp.zeros((b + 1, 64), jnp.float32), out_len=jnp.zeros(b + 1, jnp.int32))
 
-        fns = {"target": lambda c: ar(weights, state(c))[0].last}
+        # Each system's argument is built from a fresh cache before its timer starts (building the AR step's
+        # state takes ~0.7 ms of eager dispatches: timed, it inflated the target step and flattered the ratio).
+        fns = {"target": (state, lambda s: ar(weights, s)[0].last)}
         for name, d in drafters.items():
-            fns[name] = lambda c, d=d: dj(d, c, last, keys)
+            fns[name] = (lambda c: c, lambda c, d=d: dj(d, c, last, keys))
 
         def fresh():
             return jax.block_until_ready(KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy()))
 
-        for f in fns.values():
-            jax.block_until_ready(f(fresh()))
-            jax.block_until_ready(f(fresh()))
+        for prep, f in fns.values():
+            jax.block_until_ready(f(prep(fresh())))
+            jax.block_until_ready(f(prep(fresh())))
         times = {k: [] for k in fns}
         loads = []
         for rep in range(args.reps):
             order = list(fns) if rep % 2 == 0 else list(fns)[::-1]
             loads.append(os.getloadavg()[0])
             for k in order:
-                c = fresh()
+                prep, f = fns[k]
+                arg = jax.block_until_ready(prep(fresh()))
                 t0 = time.perf_counter()
-                jax.block_until_ready(fns[k](c))
+                jax.block_until_ready(f(arg))
                 times[k].append(time.perf_counter() - t0)
         tmed, tmin = np.median(times["target"]), min(times["target"])
         row = {"batch": b, "load_1min": loads, "target_ms": {"median": 1e3 * tmed, "fastest": 1e3 * tmin}, "drafters": {}}

@@ -332,9 +332,12 @@ def test_env_var_forces_each_isa_and_rejects_unknown():
 # (L, B, S, KV, G, hd, T): decode (T = 1), verify (T = γ + 1) and a prefill-like T whose T * G rows span
 # several work items; G = 1 / 3 / 7, hd a multiple of the vector width or not (a scalar tail). A work item
 # takes all KV heads of its batch row when there are at least 2 items per thread, else one: B = 1 with one
-# chunk always takes one head, and threads=1 makes every B >= 2 shape take all of them.
+# chunk always takes one head, and threads=1 makes every B >= 2 shape take all of them. With 2+ threads,
+# fewer than 2 batch rows per thread and all query rows in one chunk, a row's >= 128 keys are split into
+# parts (attend_split): the last four shapes, one query of each of their rows placed near the cache's end.
 ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 3, 64, 12), (2, 2, 70, 1, 7, 20, 40),
-               (2, 1, 50, 3, 3, 64, 1), (1, 6, 33, 2, 3, 20, 2), (1, 3, 45, 2, 3, 128, 3))  # hd 64 / 128: unrolled
+               (2, 1, 50, 3, 3, 64, 1), (1, 6, 33, 2, 3, 20, 2), (1, 3, 45, 2, 3, 128, 3),  # hd 64 / 128: unrolled
+               (2, 1, 300, 3, 3, 64, 1), (1, 2, 200, 3, 3, 64, 8), (1, 1, 150, 2, 3, 20, 1), (1, 1, 257, 1, 4, 128, 3))
 
 
 @needs_native
@@ -351,6 +354,8 @@ def test_attention_every_isa(dt):
         k, v = (jnp.asarray(rng.normal(size=(L, B, S, KV, hd)), dt) for _ in range(2))
         q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
         pos = jnp.asarray(rng.integers(0, S + 3, size=(B, T)), jnp.int32)
+        if S >= 150:  # every batch row long enough to split (one query of each row near the cache's end)
+            pos = pos.at[:, 0].set(S - 1 - jnp.arange(B, dtype=jnp.int32))
         refs = [attention_reference(q, k[i], v[i], pos) for i in range(L)]
         for isa, threads in [(isa, None) for isa in _isas()] + [(None, 1)]:
             f = jax.jit(lambda q, k, v, p, i: native.attention(q, k, v, p, layer=i, isa=isa, threads=threads))
@@ -372,10 +377,11 @@ def test_attention_never_reads_past_a_rows_keys(dt):
     from er_jax.kernels.attention import attention_reference
     rng = np.random.default_rng(11)
     tol = 2e-5 if dt == "float32" else 3e-2
-    shapes = ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8), (2, 30, 2, 2, 128, 3))
+    shapes = ((3, 40, 3, 3, 64, 1), (2, 37, 2, 2, 20, 4), (2, 33, 1, 3, 64, 8), (2, 30, 2, 2, 128, 3),
+              (1, 300, 3, 3, 64, 1), (2, 260, 2, 3, 20, 5), (1, 200, 1, 4, 128, 8))  # split keys (>= 2 threads)
     for (B, S, KV, G, hd, T) in shapes:
         k, v = (rng.normal(size=(1, B, S, KV, hd)).astype(np.float32) for _ in range(2))
-        pos = rng.integers(0, S - T, size=(B, 1)) + np.arange(T)[None, :]
+        pos = rng.integers(S // 2 if S >= 150 else 0, S - T, size=(B, 1)) + np.arange(T)[None, :]
         q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
         past = np.arange(S)[None, :] > pos.max(axis=1)[:, None]  # [B, S]: no query of the row sees these keys
         ref = attention_reference(q, jnp.asarray(k[0], dt), jnp.asarray(v[0], dt), jnp.asarray(pos, jnp.int32))
