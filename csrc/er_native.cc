@@ -824,12 +824,13 @@ ffi::Error int4_impl(ffi::ThreadPool tp, ffi::AnyBuffer x, ffi::AnyBuffer data, 
 constexpr int64_t kAttnRows = 32;  // query rows per work item
 constexpr int64_t kAttnSplitKeys = 64;  // the fewest keys a part of a split row takes
 
-// Fewer batch rows than two per thread (decode and verify at batch 1-3, all query rows in one chunk): each
-// row's keys split into parts, two per thread, each part one item reading all KV heads of its keys (one
-// contiguous span per key) — instead of one item per KV head, three items on two threads at SmolLM2's
-// batch 1, each reading a third of every key's span. Two passes (AttnPart): every part's scores, then every
-// part's share of o from p (each row's softmax over all its keys, so p is the same as one item's), added
-// here. Returns false (nothing done) where the rows are too short to split.
+// An f32 cache with fewer batch rows than two per thread (decode and verify at batch 1-3, all query rows in
+// one chunk): each row's keys split into parts, two per thread, each part one item reading all KV heads of
+// its keys (one contiguous span per key) — instead of one item per KV head, three items on two threads at
+// SmolLM2's batch 1, each reading a third of every key's span. Two passes (AttnPart): every part's scores,
+// then every part's share of o from p (each row's softmax over all its keys, so p is the same as one
+// item's), added here. Returns false (nothing done) where the rows are too short to split. (With a bf16
+// cache the split made SmolLM2's batch-1 step slower: 0.9-1.1 -> 1.3-1.7 ms of attention, traced.)
 bool attend_split(const Kernels* kern, const AttnProblem& a, int64_t threads, ffi::ThreadPool* pool) {
   std::vector<int64_t> nb(a.B, 0);  // batch row b's keys: those of its longest query row
   for (int64_t b = 0; b < a.B; ++b)
@@ -903,7 +904,7 @@ ffi::Error attention_impl(ffi::ThreadPool tp, ffi::AnyBuffer q, ffi::AnyBuffer k
   const int64_t rows = a.T * a.G, chunks = (rows + kAttnRows - 1) / kAttnRows;
   const int64_t threads = call_threads(tp, max_threads);
   ffi::ThreadPool* pool = threading().use_xla ? &tp : nullptr;
-  if (chunks == 1 && a.B < 2 * threads && attend_split(kern, a, threads, pool)) return ffi::Error::Success();
+  if (!kv_bf16 && chunks == 1 && a.B < 2 * threads && attend_split(kern, a, threads, pool)) return ffi::Error::Success();
   // KV heads per work item: all of them (one contiguous read of each key's KV * hd values) when that still
   // gives each thread two items; else one (three times the items, keys KV * hd apart).
   const int64_t kvg = a.B * chunks >= 2 * threads ? a.KV : 1;

@@ -671,13 +671,11 @@ static inline void softmax_part(const float* s, float* p, int64_t lim, int64_t j
 #ifdef ER_NATIVE_AVX512_BF16
 // Scores of query rows [r0, r0 + rows) of batch row b against keys [j0, j1) of KV heads [kv0, kv1), key by
 // key, for a bf16 q and cache (hd a multiple of 32): vdpbf16ps on q's and each key's bf16 values as they
-// are (pairs along the head dimension), so no key is converted to f32 (pf_values: the values prefetched with
-// the keys, as attend_hd's score pass does); the products of two bf16 are exact,
+// are (pairs along the head dimension), so no key is converted to f32; the products of two bf16 are exact,
 // as in the f32 path, and the sums are f32 in another order (with denormals flushed, as in the bf16
 // matmul; docs/native.md). Rows not visible to a query are scored too (softmax_row ignores them).
 static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1, int64_t r0, int64_t rows,
-                          int64_t hd, float inv_sqrt, float* sbuf, int64_t n, int64_t j0, int64_t j1,
-                          bool pf_values) {
+                          int64_t hd, float inv_sqrt, float* sbuf, int64_t n, int64_t j0, int64_t j1) {
   const int64_t nkv = kv1 - kv0, key_stride = a.KV * hd;
   thread_local std::vector<uint16_t> qbv;
   qbv.resize(nkv * rows * hd);
@@ -689,15 +687,10 @@ static void score_keys_dp(const AttnProblem& a, int64_t b, int64_t kv0, int64_t 
       std::memcpy(qb + ((kv - kv0) * rows + r) * hd, q + ((b * a.T + t) * a.H + kv * a.G + g) * hd, 2 * hd);
     }
   const uint16_t* keys = static_cast<const uint16_t*>(a.k) + b * a.S * key_stride;
-  const uint16_t* vals = static_cast<const uint16_t*>(a.v) + b * a.S * key_stride;
   for (int64_t j = j0; j < j1; ++j) {
     const char* ahead = reinterpret_cast<const char*>(keys + (j + 8) * key_stride + kv0 * hd);
-    const char* ahead_v = reinterpret_cast<const char*>(vals + (j + 8) * key_stride + kv0 * hd);
     if (j + 8 < j1)
-      for (int64_t off = 0; off < nkv * hd * 2; off += 64) {
-        __builtin_prefetch(ahead + off);
-        if (pf_values) __builtin_prefetch(ahead_v + off);
-      }
+      for (int64_t off = 0; off < nkv * hd * 2; off += 64) __builtin_prefetch(ahead + off);
     for (int64_t kv = kv0; kv < kv1; ++kv) {
       const uint16_t* kr = keys + j * key_stride + kv * hd;
       const int64_t h = kv - kv0;
@@ -818,12 +811,12 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     const char* p = static_cast<const char*>(cache) + (base + j * key_stride + kv0 * hd) * esize;
     for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(p + off);
   };
-  // The score pass prefetches the values of its keys too where they fit in L2 beside the rest (two streams
-  // in flight instead of one; the value pass then reads them from cache), and the first kAhead keys before
-  // it starts. A decode row's 30 layers at 300 positions (batch 1, f32, in the step, traced): 1.3-1.5 ms
-  // -> 1.0 ms.
+  // An f32 cache's score pass prefetches the values of its keys too where they fit in L2 beside the rest
+  // (two streams in flight instead of one; the value pass then reads them from cache), and the first kAhead
+  // keys before it starts. SmolLM2's 30 layers at 300 positions in a batch-1 step (traced, with the split
+  // below): 1.3-1.5 ms -> 1.0 ms. With a bf16 cache it made them slower (0.9-1.1 -> 1.0-1.3 ms), so not there.
   constexpr int64_t kValuesInL2 = 256 << 10;
-  const bool pf_values = scores && (j1 - j0) * span <= kValuesInL2;
+  const bool pf_values = scores && !a.kv_bf16 && (j1 - j0) * span <= kValuesInL2;
   if (scores)
     for (int64_t j = j0; j < imin(j0 + kAhead, j1); ++j) {
       prefetch(a.k, j);
@@ -868,7 +861,7 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
   if (scores) {
 #ifdef ER_NATIVE_AVX512_BF16
     if (by_key && a.q_bf16 && a.kv_bf16 && hd % 32 == 0)  // vdpbf16ps on q and the cache's bf16 keys in place
-      score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n, j0, j1, pf_values);
+      score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n, j0, j1);
     else
 #endif
     if (by_key) for_keys(One{}, a.k, score_one, score_one);

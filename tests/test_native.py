@@ -332,9 +332,10 @@ def test_env_var_forces_each_isa_and_rejects_unknown():
 # (L, B, S, KV, G, hd, T): decode (T = 1), verify (T = γ + 1) and a prefill-like T whose T * G rows span
 # several work items; G = 1 / 3 / 7, hd a multiple of the vector width or not (a scalar tail). A work item
 # takes all KV heads of its batch row when there are at least 2 items per thread, else one: B = 1 with one
-# chunk always takes one head, and threads=1 makes every B >= 2 shape take all of them. With 2+ threads,
-# fewer than 2 batch rows per thread and all query rows in one chunk, a row's >= 128 keys are split into
-# parts (attend_split): the last four shapes, one query of each of their rows placed near the cache's end.
+# chunk always takes one head, and threads=1 makes every B >= 2 shape take all of them. With an f32 cache,
+# 2+ threads, fewer than 2 batch rows per thread and all query rows in one chunk, a row's >= 128 keys are
+# split into parts (attend_split): the last four shapes, one query of each of their rows placed near the
+# cache's end.
 ATTN_SHAPES = ((3, 2, 40, 3, 3, 64, 1), (2, 3, 37, 2, 4, 32, 5), (1, 1, 300, 3, 3, 64, 12), (2, 2, 70, 1, 7, 20, 40),
                (2, 1, 50, 3, 3, 64, 1), (1, 6, 33, 2, 3, 20, 2), (1, 3, 45, 2, 3, 128, 3),  # hd 64 / 128: unrolled
                (2, 1, 300, 3, 3, 64, 1), (1, 2, 200, 3, 3, 64, 8), (1, 1, 150, 2, 3, 20, 1), (1, 1, 257, 1, 4, 128, 3))
