@@ -50,12 +50,12 @@ struct AttnProblem {
   bool q_bf16, kv_bf16;
 };
 
-// A work item's part of the keys (attention_impl splits the keys of batch rows that are too few to give
-// every thread work): kAttnWhole reads all of a row's visible keys and writes o; with a split, kAttnScores
-// writes the scores of keys [j0, j1) into s ([KV * rows, n] for the batch row: every query row of every KV
-// head, n its largest visible key + 1), and after every part has, kAttnValues takes p of keys [j0, j1) from
-// them (each row's softmax over all its keys) and writes that part's share of o, f32 [KV * rows, hd], to
-// o_part; attention_impl adds the parts.
+// A work item's part of the keys (attention_impl splits the keys of an f32 cache's batch rows when they are
+// too few to give every thread work): kAttnWhole reads all of a row's visible keys and writes o; with a
+// split, kAttnScores writes the scores of keys [j0, j1) into s ([KV * rows, n] for the batch row: every
+// query row of every KV head, n its largest visible key + 1), and after every part has, kAttnValues takes
+// p of keys [j0, j1) from them (each row's softmax over all its keys) and writes that part's share of o,
+// f32 [KV * rows, hd], to o_part; attention_impl adds the parts.
 enum AttnPhase { kAttnWhole = 0, kAttnScores = 1, kAttnValues = 2 };
 struct AttnPart {
   int32_t phase;
