@@ -8,7 +8,8 @@ round trip, as in the engine's loop; the calls that carry the cache — the AR s
 it, as the engine does, so none of them pays a copy of it):
   ar_b1 / ar_b64: one engine AR step (`engine.ar_step`: forward + sampling + bookkeeping), batch 1 / 64,
       every row with --context cached tokens;
-  draft_b1_<scheme>: one drafter step (`speculative.draft` with γ = 1: drafter forward + sampling) at
+  draft_b1_<scheme>: one drafter step (`speculative.draft` with γ = 1: drafter forward + sampling; the cache
+      donated and fed back, as the engine runs it) at
       batch 1, int8 and int4 drafters, shared f32 head and (if derive_drafter supports it) the int8 head.
 Parts (same shapes): `matmuls` (the 7 projections x 30 layers, chained, nothing else), `layers` (the full
 decoder stack without the LM head: matmuls + norms + RoPE + KV write + attention), `attention` (30
@@ -196,8 +197,16 @@ def main():
                    lambda: [np.asarray(a) for a in trivial(st)])
             if b == 1:
                 for name, d in drafters.items():
-                    dj = jax.jit(lambda d, c, k: draft(cfg, d, c, st.last, sc, k, 1, ex)[1])
-                    record(backend, f"draft_step {name}", b, lambda d=d: dj(d, cache, st.keys))
+                    # The cache donated and fed back, as the engine runs a draft (the draft writes its K/V in
+                    # place; an undonated cache would be copied by every call).
+                    dj = jax.jit(lambda d, c, k: draft(cfg, d, c, st.last, sc, k, 1, ex)[:2], donate_argnums=1)
+                    box["kv"] = fresh()
+
+                    def draft_call(d=d):
+                        box["kv"], toks = dj(d, box["kv"], st.keys)
+                        return toks
+
+                    record(backend, f"draft_step {name}", b, draft_call)
                     mjd = jax.jit(matmuls_fn)
                     record(backend, f"matmuls {name}", b, lambda d=d: mjd(d, x))
                     if name.endswith("int8head"):
