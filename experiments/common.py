@@ -54,3 +54,22 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
     x = jnp.ones((nbytes // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     return nbytes / timeit(lambda: f(x).block_until_ready(), reps=7)
+
+
+def old_build(library: str) -> dict:
+    """Two native builds in one process (the A/B scripts under results/): registers another build's shared
+    library's handlers as old_<target> and returns a flag; a jit traced while flag["old"] is set calls them.
+    The builds then alternate in one process, so the machine's drift hits both alike."""
+    import ctypes
+
+    from er_jax.kernels import native
+
+    native._load()
+    old = ctypes.CDLL(library)
+    for name in native._TARGETS:
+        jax.ffi.register_ffi_target("old_" + name, jax.ffi.pycapsule(getattr(old, name)), platform="cpu")
+    flag = {"old": False}
+    ffi_call = jax.ffi.ffi_call
+    jax.ffi.ffi_call = lambda target, *a, **k: ffi_call(
+        "old_" + target if flag["old"] and target.startswith("er_jax_native") else target, *a, **k)
+    return flag

@@ -8,7 +8,6 @@ changes apart. Medians and fastest of `reps`.
 
     python experiments/results/attn_split_1207/step_ab.py OLD.so 1,2,4 21 out.json [DTYPE]
 """
-import ctypes
 import functools
 import json
 import os
@@ -21,27 +20,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import er_jax  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, old_build  # noqa: E402
 from er_jax import engine as E  # noqa: E402
 from er_jax import speculative  # noqa: E402
 from er_jax.cache import KVCache, init_cache  # noqa: E402
 from er_jax.config import SamplingConfig  # noqa: E402
 from er_jax.execution import Execution  # noqa: E402
-from er_jax.kernels import native  # noqa: E402
 from er_jax.model import execution_layout, forward  # noqa: E402
 from er_jax.quant import derive_drafter  # noqa: E402
 from er_jax.sampling import log_probs  # noqa: E402
 
 old_lib, batches, reps, out_path = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
 dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
-native._load()
-old = ctypes.CDLL(old_lib)
-for name in native._TARGETS:
-    jax.ffi.register_ffi_target("old_" + name, jax.ffi.pycapsule(getattr(old, name)), platform="cpu")
-FLAG = {"old": False}
-ffi_call = jax.ffi.ffi_call
-jax.ffi.ffi_call = lambda target, *a, **k: ffi_call(
-    "old_" + target if FLAG["old"] and target.startswith("er_jax_native") else target, *a, **k)
+FLAG = old_build(old_lib)
 
 
 def old_draft(cfg, d, cache, last, sc, keys, ex):  # the previous build's one-step draft: sample of log_probs

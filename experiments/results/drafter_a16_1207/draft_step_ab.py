@@ -5,7 +5,6 @@ alternate in one process, so the VM's drift hits both alike. Medians and fastest
 
     python experiments/results/drafter_a16_1207/draft_step_ab.py OLD.so 1,4,8,16 15 out.json [DTYPE]
 """
-import ctypes
 import functools
 import json
 import os
@@ -18,26 +17,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import er_jax  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, old_build  # noqa: E402
 from er_jax import engine as E  # noqa: E402
 from er_jax.cache import KVCache, init_cache  # noqa: E402
 from er_jax.config import SamplingConfig  # noqa: E402
 from er_jax.execution import Execution  # noqa: E402
-from er_jax.kernels import native  # noqa: E402
 from er_jax.model import execution_layout  # noqa: E402
 from er_jax.quant import derive_drafter  # noqa: E402
 from er_jax.speculative import draft  # noqa: E402
 
 old_lib, batches, reps, out_path = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
 dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
-native._load()
-old = ctypes.CDLL(old_lib)
-for name in native._TARGETS:
-    jax.ffi.register_ffi_target("old_" + name, jax.ffi.pycapsule(getattr(old, name)), platform="cpu")
-FLAG = {"old": False}
-ffi_call = jax.ffi.ffi_call
-jax.ffi.ffi_call = lambda target, *a, **k: ffi_call(
-    "old_" + target if FLAG["old"] and target.startswith("er_jax_native") else target, *a, **k)
+FLAG = old_build(old_lib)
 
 m = er_jax.load_model("smollm2", dtype=dtype)
 cfg, sc = m.config, SamplingConfig(1.0)
