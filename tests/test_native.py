@@ -385,7 +385,9 @@ def test_attention_never_reads_past_a_rows_keys(dt):
         pos = rng.integers(S // 2 if S >= 150 else 0, S - T, size=(B, 1)) + np.arange(T)[None, :]
         q = jnp.asarray(rng.normal(size=(B, T, KV * G, hd)), dt)
         past = np.arange(S)[None, :] > pos.max(axis=1)[:, None]  # [B, S]: no query of the row sees these keys
-        ref = attention_reference(q, jnp.asarray(k[0], dt), jnp.asarray(v[0], dt), jnp.asarray(pos, jnp.int32))
+        # Copies: jax may alias a numpy buffer and read it after the NaNs below are written (it did, 2026-12-07).
+        ref = attention_reference(q, jnp.asarray(k[0].copy(), dt), jnp.asarray(v[0].copy(), dt),
+                                  jnp.asarray(pos, jnp.int32))
         k[:, past], v[:, past] = np.nan, np.nan
         for isa in _isas():
             got = native.attention(q, jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(pos, jnp.int32), layer=0,
