@@ -447,7 +447,7 @@ int64_t call_threads(ffi::ThreadPool& tp, int32_t max_threads) {
 }
 
 // Per-thread buffers, grown as needed and kept (no allocation, page faults or zero-filling per call):
-// kScratch for an item's block accumulator, kSlots for the per-thread accumulators of a K split and
+// kScratch for an item's block accumulator, kSlots for the items' partial sums of a K split and
 // kX for x converted to f32 (both owned by the calling thread for the duration of one call).
 enum Buffer { kScratch = 0, kSlots = 1, kX = 2, kXb = 3 };  // kXb: x's bf16 copy (avx512bf16, f32 x)
 float* buffer(Buffer which, size_t floats) {
@@ -505,9 +505,9 @@ struct Plan {
 };
 
 // Small M (memory-bound): column blocks as wide as the accumulator allows, rows split into ~4 ranges
-// per thread claimed dynamically; every thread reads long contiguous row segments, adds into its own
-// accumulator, and the caller adds the (<= threads) accumulators. Large M (compute-bound): column
-// blocks only, ~4 per thread, each with all of K.
+// per thread claimed dynamically; every thread reads long contiguous row segments, each item writes its
+// own partial sums, and the caller adds them in a fixed order (the same sums whichever thread ran what).
+// Large M (compute-bound): column blocks only, ~4 per thread, each with all of K.
 Plan plan(const Kernels* kern, const Problem& p, int64_t threads, size_t weight_bytes) {
   Plan pl{};
   const bool panels = p.fmt >= kF32Panel;  // sequential streams: columns only
@@ -603,25 +603,20 @@ void run_matmul(const Kernels* kern, ffi::ThreadPool* xla_pool, int64_t threads,
     });
     return;
   }
-  // Items (row range i / nc, column block i % nc); slot t accumulates into acc[t] [nc][M, cw].
-  const int64_t slot_floats = nc * p.m * cw;
-  float* acc = buffer(kSlots, static_cast<size_t>(pl.threads * slot_floats));  // zeroed by each first write
-  std::vector<std::vector<char>> touched(pl.threads, std::vector<char>(nc, 0));
-  parallel_chunks(xla_pool, pl.threads, nc * ks, [&](int64_t i, int slot) {
+  // Items (row range s = i / nc, column block c = i % nc), each into its own partial sums acc[s][c] [M, cw],
+  // added up in the order of s: the result does not depend on which thread ran which item.
+  const int64_t part_floats = nc * p.m * cw;
+  float* acc = buffer(kSlots, static_cast<size_t>(ks * part_floats));
+  parallel_chunks(xla_pool, pl.threads, nc * ks, [&](int64_t i, int) {
     const int64_t s = i / nc, c = i % nc;
     const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
-    char& seen = touched[slot][c];
-    kern->run_block(p, s * kr, std::min(p.k, s * kr + kr), c0, c1, acc + slot * slot_floats + c * p.m * cw,
-                    seen != 0);
-    seen = 1;
+    kern->run_block(p, s * kr, std::min(p.k, s * kr + kr), c0, c1, acc + s * part_floats + c * p.m * cw, false);
   });
-  std::vector<const float*> parts;
+  std::vector<const float*> parts(ks);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t c0 = c * cw, c1 = std::min(p.n, c0 + cw);
-    parts.clear();
-    for (int64_t t = 0; t < pl.threads; ++t)
-      if (touched[t][c]) parts.push_back(acc + t * slot_floats + c * p.m * cw);
-    finalize(parts.data(), static_cast<int64_t>(parts.size()), p.m, p.n, c0, c1 - c0, out);
+    for (int64_t s = 0; s < ks; ++s) parts[s] = acc + s * part_floats + c * p.m * cw;
+    finalize(parts.data(), ks, p.m, p.n, c0, c1 - c0, out);
   }
 }
 

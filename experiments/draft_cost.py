@@ -8,6 +8,9 @@ Draft step: one drafter step as `speculative.draft` runs it (γ = 1: drafter for
 int8 / int4 with the shared f32 head and with the int8 head. The systems alternate within each repeat
 (target, then each drafter, order reversed every other repeat); medians and fastest reported with the load
 average. Writes experiments/results/draft_cost_cpu.json.
+
+--old-build LIB: also time every system on another build's native library (common.old_build: the two builds'
+handlers in one process, alternating), and report new / old ratios.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json, xla_cache  # noqa: E402
+from common import machine, old_build, write_json, xla_cache  # noqa: E402
 
 
 def main():
@@ -33,6 +36,7 @@ def main():
     ap.add_argument("--kernels", default="native")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="draft_cost_cpu.json")
+    ap.add_argument("--old-build", default=None, help="another build's shared library to A/B against")
     args = ap.parse_args()
     xla_cache.enable()  # warm-ups compile once per machine, not once per run
     import er_jax
@@ -53,10 +57,14 @@ def main():
                 for s in ("int8", "int4") for h in ("shared", "int8")}
     # The cache is donated, as the engine donates it (an undonated cache is copied by every step that writes
     # it: the runs before this change timed that copy too); each timed call gets a fresh copy made untimed.
-    ar = jax.jit(functools.partial(E.ar_step, spec), donate_argnums=1)
-    dj = jax.jit(lambda d, c, last, k: draft(cfg, d, c, last, sc, k, 1, ex)[:2], donate_argnums=1)
+    flag = old_build(args.old_build) if args.old_build else {"old": False}
+    builds = ("", "_old") if args.old_build else ("",)
+    # One jit per build: each traces (and so names its FFI targets) while flag["old"] says which build it is.
+    ar = {v: jax.jit(functools.partial(E.ar_step, spec), donate_argnums=1) for v in builds}
+    dj = {v: jax.jit(lambda d, c, last, k: draft(cfg, d, c, last, sc, k, 1, ex)[:2], donate_argnums=1) for v in builds}
     res = {"benchmark": "draft_cost", "machine": machine(), "model": f"smollm2 ({args.dtype})",
-           "kernels": args.kernels, "context": args.context, "reps": args.reps, "rows": []}
+           "kernels": args.kernels, "context": args.context, "reps": args.reps, "old_build": args.old_build,
+           "rows": []}
     for b in args.batches:
         key = jax.random.key(b)
         c0 = init_cache(cfg, b, args.context + 32)
@@ -74,14 +82,17 @@ def main():
 
         # Each system's argument is built from a fresh cache before its timer starts (building the AR step's
         # state takes ~0.7 ms of eager dispatches: timed, it inflated the target step and flattered the ratio).
-        fns = {"target": (state, lambda s: ar(weights, s)[0].last)}
-        for name, d in drafters.items():
-            fns[name] = (lambda c: c, lambda c, d=d: dj(d, c, last, keys))
+        fns = {}
+        for v in builds:
+            fns["target" + v] = (state, lambda s, v=v: ar[v](weights, s)[0].last)
+            for name, d in drafters.items():
+                fns[name + v] = (lambda c: c, lambda c, d=d, v=v: dj[v](d, c, last, keys))
 
         def fresh():
             return jax.block_until_ready(KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy()))
 
-        for prep, f in fns.values():
+        for k, (prep, f) in fns.items():
+            flag["old"] = k.endswith("_old")
             jax.block_until_ready(f(prep(fresh())))
             jax.block_until_ready(f(prep(fresh())))
         times = {k: [] for k in fns}
@@ -91,18 +102,26 @@ def main():
             loads.append(os.getloadavg()[0])
             for k in order:
                 prep, f = fns[k]
+                flag["old"] = k.endswith("_old")
                 arg = jax.block_until_ready(prep(fresh()))
                 t0 = time.perf_counter()
                 jax.block_until_ready(f(arg))
                 times[k].append(time.perf_counter() - t0)
         tmed, tmin = np.median(times["target"]), min(times["target"])
         row = {"batch": b, "load_1min": loads, "target_ms": {"median": 1e3 * tmed, "fastest": 1e3 * tmin}, "drafters": {}}
-        for k in drafters:
+        for v in builds[1:]:  # the other build: its target, and every system's new / old medians
+            omed = {k: np.median(times[k + v]) for k in ("target", *drafters)}
+            row["target" + v + "_ms"] = {"median": 1e3 * omed["target"], "fastest": 1e3 * min(times["target" + v])}
+            row["new_over_old_median"] = {k: float(np.median(times[k]) / omed[k]) for k in omed}
+            print(f"B={b:2d} new / old build (medians): "
+                  + ", ".join(f"{k} {r:.3f}" for k, r in row["new_over_old_median"].items()), flush=True)
+        for k in (k + v for k in drafters for v in builds):
+            t_med, t_min = (np.median(times["target_old"]), min(times["target_old"])) if k.endswith("_old") else (tmed, tmin)
             dmed, dmin = np.median(times[k]), min(times[k])
-            row["drafters"][k] = {"median_ms": 1e3 * dmed, "fastest_ms": 1e3 * dmin, "ratio_median": dmed / tmed,
-                                  "ratio_fastest": dmin / tmin}
-            print(f"B={b:2d} {k:16s} draft {1e3 * dmin:7.2f} ms / target {1e3 * tmin:7.2f} ms = {dmin / tmin:.3f} "
-                  f"(medians {dmed / tmed:.3f}); load {np.mean(loads):.1f}", flush=True)
+            row["drafters"][k] = {"median_ms": 1e3 * dmed, "fastest_ms": 1e3 * dmin, "ratio_median": dmed / t_med,
+                                  "ratio_fastest": dmin / t_min}
+            print(f"B={b:2d} {k:20s} draft {1e3 * dmin:7.2f} ms / target {1e3 * t_min:7.2f} ms = {dmin / t_min:.3f} "
+                  f"(medians {dmed / t_med:.3f}); load {np.mean(loads):.1f}", flush=True)
         res["rows"].append(row)
         write_json(args.out, res)
     print("wrote", write_json(args.out, res))
