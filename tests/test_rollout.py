@@ -49,6 +49,11 @@ def test_smollm2_logprobs_match_teacher_forcing(smollm2, smol_ids):
             n = int(out.lengths[i])
             want = r.get_per_token_logps(smol_ids[i], out.tokens[i, :n], temperature=1.0, top_p=0.95)
             np.testing.assert_allclose(out.logprobs[i, :n], want[0], atol=1e-4)
+        # The same seed gives the same rollout, bit for bit: tokens and log-probs (the native kernels' sums do not
+        # depend on which thread ran what; before 2026-12-07 the K split of this layout's matmuls made them).
+        again = r.generate(smol_ids[:4], rc)
+        np.testing.assert_array_equal(again.tokens, out.tokens)
+        np.testing.assert_array_equal(again.logprobs, out.logprobs)
 
 
 @pytest.mark.slow
