@@ -73,3 +73,32 @@ def old_build(library: str) -> dict:
     jax.ffi.ffi_call = lambda target, *a, **k: ffi_call(
         "old_" + target if flag["old"] and target.startswith("er_jax_native") else target, *a, **k)
     return flag
+
+
+def decode_inputs(config, batch: int, context: int, slack: int = 32):
+    """What the step-timing scripts feed one decode / draft step at `batch` rows with `context` cached tokens:
+    (cache, keys, last, state, fresh). The cache holds random K/V in `context + slack` slots; state(c) is a fresh
+    AR-step `DecodeState` around cache c (the AR step donates all of it); fresh() is an untimed copy of the
+    cache (a step that donates its cache needs a new one per call)."""
+    from er_jax import engine
+    from er_jax.cache import KVCache, init_cache
+
+    key = jax.random.key(batch)
+    c0 = init_cache(config, batch, context + slack)
+    cache = KVCache(jax.random.normal(key, c0.k.shape, c0.k.dtype) * 0.1,
+                    jax.random.normal(key, c0.v.shape, c0.v.dtype) * 0.1, jnp.full((batch,), context, jnp.int32))
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
+    last = jnp.ones(batch, jnp.int32)
+    b = batch
+
+    def state(c):
+        return engine.DecodeState(cache=c, last=jnp.ones(b, jnp.int32), n_gen=jnp.ones(b, jnp.int32),
+                                  done=jnp.zeros(b, bool), row=jnp.arange(b, dtype=jnp.int32), keys=keys.copy(),
+                                  max_new=jnp.full(b, 10**6, jnp.int32), min_new=jnp.zeros(b, jnp.int32),
+                                  out_tokens=jnp.zeros((b + 1, 64), jnp.int32),
+                                  out_logps=jnp.zeros((b + 1, 64), jnp.float32), out_len=jnp.zeros(b + 1, jnp.int32))
+
+    def fresh():
+        return jax.block_until_ready(KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy()))
+
+    return cache, keys, last, state, fresh

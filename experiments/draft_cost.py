@@ -21,11 +21,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, old_build, write_json, xla_cache  # noqa: E402
+from common import decode_inputs, machine, old_build, write_json, xla_cache  # noqa: E402
 
 
 def main():
@@ -41,7 +40,6 @@ def main():
     xla_cache.enable()  # warm-ups compile once per machine, not once per run
     import er_jax
     from er_jax import engine as E
-    from er_jax.cache import KVCache, init_cache
     from er_jax.config import SamplingConfig
     from er_jax.execution import Execution
     from er_jax.model import execution_layout
@@ -49,7 +47,7 @@ def main():
     from er_jax.speculative import draft
 
     m = er_jax.load_model("smollm2", dtype=args.dtype)
-    cfg, dt, sc = m.config, m.config.jnp_dtype, SamplingConfig(1.0)
+    cfg, sc = m.config, SamplingConfig(1.0)
     ex = Execution(args.kernels, None, "unstacked")
     spec = E.StepSpec(cfg, sc, cfg.eos_ids, ex)
     weights = execution_layout(m.weights, ex)  # what SpecRollout runs (the native backend: panel-major)
@@ -66,19 +64,7 @@ def main():
            "kernels": args.kernels, "context": args.context, "reps": args.reps, "old_build": args.old_build,
            "rows": []}
     for b in args.batches:
-        key = jax.random.key(b)
-        c0 = init_cache(cfg, b, args.context + 32)
-        cache = KVCache(jax.random.normal(key, c0.k.shape, dt) * 0.1, jax.random.normal(key, c0.v.shape, dt) * 0.1,
-                        jnp.full((b,), args.context, jnp.int32))
-        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b))
-        last = jnp.ones(b, jnp.int32)
-
-        def state(c):  # a fresh state around cache c (the AR step donates all of it)
-            return E.DecodeState(cache=c, last=jnp.ones(b, jnp.int32), n_gen=jnp.ones(b, jnp.int32),
-                                 done=jnp.zeros(b, bool), row=jnp.arange(b, dtype=jnp.int32), keys=keys.copy(),
-                                 max_new=jnp.full(b, 10**6, jnp.int32), min_new=jnp.zeros(b, jnp.int32),
-                                 out_tokens=jnp.zeros((b + 1, 64), jnp.int32),
-                                 out_logps=jnp.zeros((b + 1, 64), jnp.float32), out_len=jnp.zeros(b + 1, jnp.int32))
+        _, keys, last, state, fresh = decode_inputs(cfg, b, args.context)
 
         # Each system's argument is built from a fresh cache before its timer starts (building the AR step's
         # state takes ~0.7 ms of eager dispatches: timed, it inflated the target step and flattered the ratio).
@@ -87,9 +73,6 @@ def main():
             fns["target" + v] = (state, lambda s, v=v: ar[v](weights, s)[0].last)
             for name, d in drafters.items():
                 fns[name + v] = (lambda c: c, lambda c, d=d, v=v: dj[v](d, c, last, keys))
-
-        def fresh():
-            return jax.block_until_ready(KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy()))
 
         for k, (prep, f) in fns.items():
             flag["old"] = k.endswith("_old")

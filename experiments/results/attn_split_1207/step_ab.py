@@ -15,15 +15,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import er_jax  # noqa: E402
-from common import machine, old_build  # noqa: E402
+from common import decode_inputs, machine, old_build  # noqa: E402
 from er_jax import engine as E  # noqa: E402
 from er_jax import speculative  # noqa: E402
-from er_jax.cache import KVCache, init_cache  # noqa: E402
 from er_jax.config import SamplingConfig  # noqa: E402
 from er_jax.execution import Execution  # noqa: E402
 from er_jax.model import execution_layout, forward  # noqa: E402
@@ -64,19 +62,7 @@ def ar_fn():
 out = {"benchmark": "step_ab", "machine": machine(), "old_library": old_lib, "dtype": dtype, "context": 300,
        "reps": reps, "rows": {}}
 for b in batches:
-    key = jax.random.key(b)
-    c0 = init_cache(cfg, b, 332)
-    cache = KVCache(jax.random.normal(key, c0.k.shape, c0.k.dtype) * 0.1,
-                    jax.random.normal(key, c0.v.shape, c0.v.dtype) * 0.1, jnp.full((b,), 300, jnp.int32))
-    keys = jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(jnp.arange(b))
-    last = jnp.ones(b, jnp.int32)
-
-    def state(c, b=b, keys=keys):
-        return E.DecodeState(cache=c, last=jnp.ones(b, jnp.int32), n_gen=jnp.ones(b, jnp.int32),
-                             done=jnp.zeros(b, bool), row=jnp.arange(b, dtype=jnp.int32), keys=keys.copy(),
-                             max_new=jnp.full(b, 10**6, jnp.int32), min_new=jnp.zeros(b, jnp.int32),
-                             out_tokens=jnp.zeros((b + 1, 64), jnp.int32),
-                             out_logps=jnp.zeros((b + 1, 64), jnp.float32), out_len=jnp.zeros(b + 1, jnp.int32))
+    _, keys, last, state, fresh = decode_inputs(cfg, b, 300)
 
     same = lambda c: c  # noqa: E731
     # name -> (uses the old library, build the argument from a fresh cache, the timed call)
@@ -86,8 +72,6 @@ for b in batches:
     for s_, d in drafters.items():
         fns[f"{s_}_new"] = (False, same, functools.partial(draft_fn(True), d))
         fns[f"{s_}_old"] = (True, same, functools.partial(draft_fn(False), d))
-    def fresh():
-        return jax.block_until_ready(KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy()))
 
     times = {k: [] for k in fns}
     for rep in range(reps + 2):

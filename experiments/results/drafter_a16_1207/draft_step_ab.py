@@ -12,14 +12,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import er_jax  # noqa: E402
-from common import machine, old_build  # noqa: E402
+from common import decode_inputs, machine, old_build  # noqa: E402
 from er_jax import engine as E  # noqa: E402
-from er_jax.cache import KVCache, init_cache  # noqa: E402
 from er_jax.config import SamplingConfig  # noqa: E402
 from er_jax.execution import Execution  # noqa: E402
 from er_jax.model import execution_layout  # noqa: E402
@@ -41,22 +39,8 @@ ar = jax.jit(functools.partial(E.ar_step, spec), donate_argnums=1)
 out = {"benchmark": "draft_step_ab", "machine": machine(), "old_library": old_lib, "dtype": dtype, "context": 300, "reps": reps,
        "rows": {}}
 for b in batches:
-    key = jax.random.key(b)
-    c0 = init_cache(cfg, b, 332)
-    cache = KVCache(jax.random.normal(key, c0.k.shape, c0.k.dtype) * 0.1, jax.random.normal(key, c0.v.shape, c0.v.dtype) * 0.1,
-                    jnp.full((b,), 300, jnp.int32))
-    keys = jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(jnp.arange(b))
-    last = jnp.ones(b, jnp.int32)
+    _, keys, last, state, fresh = decode_inputs(cfg, b, 300)
 
-    def state(c, b=b, keys=keys):
-        return E.DecodeState(cache=c, last=jnp.ones(b, jnp.int32), n_gen=jnp.ones(b, jnp.int32),
-                             done=jnp.zeros(b, bool), row=jnp.arange(b, dtype=jnp.int32), keys=keys.copy(),
-                             max_new=jnp.full(b, 10**6, jnp.int32), min_new=jnp.zeros(b, jnp.int32),
-                             out_tokens=jnp.zeros((b + 1, 64), jnp.int32),
-                             out_logps=jnp.zeros((b + 1, 64), jnp.float32), out_len=jnp.zeros(b + 1, jnp.int32))
-
-    def fresh(cache=cache):
-        return jax.block_until_ready(KVCache(cache.k.copy(), cache.v.copy(), cache.lengths.copy()))
 
     fns = {"target": lambda c, state=state: ar(weights, state(c))[0].last}
     for s, d in drafters.items():
