@@ -170,7 +170,8 @@ bool self_check(const Kernels* kern) {
     }
   }
   // Panel-major f32 / bf16 / int8 / int4: N = 2 column blocks + one panel, K = 300 (int4: groups and padding);
-  // K = 256 and 19 rows also for AMX's whole 32-row tiles and its 16-row M tiles (a full one and a partial one).
+  // K = 256 and 19 rows also for AMX's whole 32-row tiles and its 16-row M tiles (a full one and a partial one);
+  // 4 and 7 rows for the quantized register tiles of 4 and 2 panels, 19 for two of them (isa_avx512.cc).
   for (const int64_t PK : {300, 256}) {
     const int64_t PN = 2 * kern->col_align + kPanelCols;
     std::vector<float> px(19 * PK), pf(PN * PK);
@@ -196,7 +197,7 @@ bool self_check(const Kernels* kern) {
       pi[i] = static_cast<int8_t>(next() % 255 - 127);
     }
     for (int fmt : {kF32Panel, kBF16Panel, kInt8Panel, kInt4Panel}) {
-      for (int64_t m : {1, 2, 7, 19}) {
+      for (int64_t m : {1, 2, 4, 7, 19}) {
         Problem p{};
         p.fmt = fmt;
         p.m = m;

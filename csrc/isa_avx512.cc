@@ -246,15 +246,90 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
   }
 }
 
-// Rows of M from which int8 / int4 panels times bf16 x take the converted-block path; below them the panel
-// tiles convert the weights in registers and multiply f32 x (bf16 values) with FMAs. The crossovers, on
-// SmolLM2's drafter projections on Zen 4 (docs/native.md, "The drafter's 16-bit activations"): int8 at M
-// ~12, int4 at M ~6 (its register path pays a shift and a vpermps per 16 codes and row).
-constexpr int64_t kInt8DpMinM = 12, kInt4DpMinM = 6;
+// Quantized panels times bf16 x on vdpbf16ps, converted in registers by row tiles (below): int8 from 3 rows of M
+// (at 1-2 the f32 kernel streams as fast), int4 up to kInt4DpMaxM; from there int4 takes the converted-block
+// path, which converts each group once into L1 for 6-row tiles. One thread on Zen 4, [576, 3072], cached
+// (docs/native.md, "Quantized panels in register tiles"): int8 M = 3 / 6 / 11 / 16 / 64 0.91 / 0.71 / 0.56 /
+// 0.87 / 0.93x the time of the previous paths (f32 FMA tiles below 12 rows, the converted block above); int4
+// M = 3 / 6 / 11 / 24 / 32 0.50 / 0.53 / 0.72 / 0.91 / 1.03x.
+constexpr int64_t kInt4DpMaxM = 31, kInt8DpMinM = 3;
 
-// int4 panels at M <= 2 (decode and draft rows) on vdpbf16ps, 32 products an instruction where the f32 kernel
-// (panel_tile_int4) takes a shift, a vpermps and an FMA per 16 codes and row of x; this kernel is bound by its
-// vdpbf16ps (two per 32 codes for f32 x: ~25 GB/s a Zen 4 thread). One 64-byte line of a panel (rows 8b .. 8b + 7, panels.py's line order) gives its four row pairs of 16
+// Register tiles of the vdpbf16ps kernels below for quantized panels: at most kDpMR rows of M, as even as
+// possible (M = 12: 6 + 6), so that each pair of K rows a tile converts in registers serves many products;
+// with_tile_rows(r, f) calls f(integral_constant<r>) for a tile of r rows.
+constexpr int kDpMR = 11;
+
+inline int64_t dp_tiles(int64_t m) { return (m + kDpMR - 1) / kDpMR; }
+
+template <int R = kDpMR, class F>
+static inline void with_tile_rows(int64_t r, F&& f) {
+  if constexpr (R > 1)
+    if (r < R) return with_tile_rows<R - 1>(r, f);
+  f(std::integral_constant<int, R>{});
+}
+
+// Tile t of M's rows: [m0, m0 + rows).
+inline void dp_tile_rows(int64_t m, int64_t t, int64_t& m0, int64_t& rows) {
+  const int64_t nt = dp_tiles(m), base = m / nt, extra = m % nt;
+  m0 = t * base + imin(t, extra);
+  rows = base + (t < extra ? 1 : 0);
+}
+
+// int8 panels times bf16 x at M >= 3 (the int8 drafter's steps and verifies): each tile converts a pair of K
+// rows of its NP panels once, in registers (two widen-and-convert, one vcvtne2ps2bf16, one vpermw into (k,
+// k + 1) pairs: the converted block's steps without its store and reload), for MR vdpbf16ps of 32 products,
+// where the f32 tiles took 2 MR FMAs per 32 codes. Products exact (int8 codes and bf16 x), f32 sums; the
+// scale is finalize()'s. The last tile prefetches the next panels' line into L2, as panel_group's.
+template <int MR, int NP, bool PF>
+static void int8_dp_tile(const Problem& p, int64_t k0, int64_t k1, int64_t j0, int64_t m0, float* sc, int64_t ss) {
+  const __m512i perm = _mm512_load_si512(kPairs);
+  const int64_t stride = p.rows * kPanelCols;  // bytes between panels
+  const int8_t* w = static_cast<const int8_t*>(p.w) + j0 * stride;
+  const uint16_t* x = p.xb + m0 * p.k;
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 2) {
+    __m512bh wv[NP];
+    for (int q = 0; q < NP; ++q) {
+      const int8_t* s = w + q * stride + k * kPanelCols;
+      wv[q] = (__m512bh)_mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(V::load_i8(s + kPanelCols), V::load_i8(s)));
+      if (PF && (k & 3) == 0) __builtin_prefetch(s + NP * stride, 0, 1);
+    }
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * p.k + k, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], wv[q], xv);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) {
+      float* d = sc + (m0 + m) * ss + q * kPanelCols;
+      V::store(d, V::add(V::load(d), acc[m][q]));
+    }
+}
+
+static void run_int8_dp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
+  int64_t m0, rows;
+  dp_tile_rows(p.m, 0, m0, rows);  // the first tile is the widest
+  with_tile_rows(rows, [&](auto mr) {
+    constexpr int MR = decltype(mr)::value, NP = MR <= 6 ? 4 : 2;  // MR x NP accumulators in 32 zmm
+    for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+      constexpr int N = decltype(np)::value;
+      for (int64_t t = 0, nt = dp_tiles(p.m); t < nt; ++t) {
+        dp_tile_rows(p.m, t, m0, rows);
+        const bool last = t == nt - 1;
+        if (rows == MR) last ? int8_dp_tile<MR, N, true>(p, k0, k1, j, m0, sc, ss) : int8_dp_tile<MR, N, false>(p, k0, k1, j, m0, sc, ss);
+        else if constexpr (MR > 1) last ? int8_dp_tile<MR - 1, N, true>(p, k0, k1, j, m0, sc, ss) : int8_dp_tile<MR - 1, N, false>(p, k0, k1, j, m0, sc, ss);
+      }
+    });
+  });
+}
+
+// int4 panels at M <= kInt4DpMaxM (decode, draft and verify rows) on vdpbf16ps, 32 products an instruction
+// where the f32 kernel (panel_tile_int4) takes a shift, a vpermps and an FMA per 16 codes and row of x; at M = 1
+// this kernel is bound by its vdpbf16ps (two per 32 codes for f32 x: ~25 GB/s a Zen 4 thread). One 64-byte line of a panel (rows 8b .. 8b + 7, panels.py's line order) gives its four row pairs of 16
 // columns with one 16-bit shift (none for the first pair) and one vpternlogd each: the code of row 8b + 2j + e
 // sits in nibble j of word 2c + e, so (line >> 4j) & 0x000F000F | 0x43004300 puts it under a fixed exponent
 // (bits 0x4300 | q = the bf16 128 + q, exact), in lane c's pair e, the pair vdpbf16ps multiplies by
@@ -262,7 +337,6 @@ constexpr int64_t kInt8DpMinM = 12, kInt4DpMinM = 6;
 // products are exact; other f32 x is two, hi = bf16(x), lo = bf16(x - hi), so x' = hi + lo (exact in f32) is
 // within 2^-16 |x| of x. The offset comes off with the zero point: sum (q - z) x' = sum (128 + q) x' -
 // (128 + z) sum x'. (docs/native.md, "int4 at M <= 2".)
-constexpr int64_t kInt4DpMaxM = 2;
 constexpr int kInt4Offset = 128;
 
 template <int J>
@@ -331,24 +405,39 @@ static void int4_dp_split(const Problem& p, int64_t k0, int64_t k1, int P, int64
   }
 }
 
+// Panels [j0, j0 + NP), group by group, each in row tiles of MR or MR - 1 rows (dp_tile_rows): the first tile
+// streams the group's lines from memory (and prefetches ahead in them), the others re-read them from L1.
 template <int MR, int NP, int P>
 static void int4_dp_group(const Problem& p, int64_t k0, int64_t k1, int64_t j0, float* sc, int64_t ss,
                           const uint32_t* xp, int64_t R) {
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + j0 * p.rows * kPanelCols;
-  const int64_t stride = p.rows * kPanelCols, rb = k0 / 2;
+  const int64_t stride = p.rows * kPanelCols, rb = k0 / 2, nt = dp_tiles(p.m);
   for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
     const int64_t r0 = g * p.group / 2, r1 = (imin((g + 1) * p.group, k1) + 1) / 2;
     const float* gs = p.scale + g * p.n + j0 * kPanelCols;
-    int4_dp_tile<MR, NP, P, true>(w, stride, r0, r1, xp, R, rb, gs, sc, ss);
+    for (int64_t t = 0; t < nt; ++t) {
+      int64_t m0, rows;
+      dp_tile_rows(p.m, t, m0, rows);
+      const uint32_t* x = xp + m0 * P * R;
+      float* d = sc + m0 * ss;
+      if (t == 0) int4_dp_tile<MR, NP, P, true>(w, stride, r0, r1, x, R, rb, gs, d, ss);
+      else if (rows == MR) int4_dp_tile<MR, NP, P, false>(w, stride, r0, r1, x, R, rb, gs, d, ss);
+      else if constexpr (MR > 1) int4_dp_tile<MR - 1, NP, P, false>(w, stride, r0, r1, x, R, rb, gs, d, ss);
+    }
   }
 }
 
-template <int MR, int P>
-static void run_int4_dp_mp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
-                           const uint32_t* xp, int64_t R) {
-  constexpr int NP = MR == 1 ? kPNP1 : kPNP2;
-  for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
-    int4_dp_group<MR, decltype(np)::value, P>(p, k0, k1, j, sc, ss, xp, R);
+template <int P>
+static void run_int4_dp_p(const Problem& p, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc,
+                          const uint32_t* xp, int64_t R) {
+  int64_t m0, rows;
+  dp_tile_rows(p.m, 0, m0, rows);  // the first tile is the widest
+  with_tile_rows(rows, [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    constexpr int NP = MR == 1 ? kPNP1 : MR <= 5 ? kPNP2 : 2;  // MR x NP accumulators, NP lines and pairs
+    for_panel_groups<NP>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) {
+      int4_dp_group<MR, decltype(np)::value, P>(p, k0, k1, j, sc, ss, xp, R);
+    });
   });
 }
 
@@ -362,8 +451,8 @@ static void run_int4_dp(const Problem& p, int64_t k0, int64_t k1, int64_t c0, in
   uint32_t* xp = xpv.data();
   float* xsum = xsv.data();
   int4_dp_split(p, k0, k1, P, R, xp, xsum, ng);
-  if (p.m == 1) P == 1 ? run_int4_dp_mp<1, 1>(p, k0, k1, c0, c1, acc, xp, R) : run_int4_dp_mp<1, 2>(p, k0, k1, c0, c1, acc, xp, R);
-  else P == 1 ? run_int4_dp_mp<2, 1>(p, k0, k1, c0, c1, acc, xp, R) : run_int4_dp_mp<2, 2>(p, k0, k1, c0, c1, acc, xp, R);
+  if (P == 1) run_int4_dp_p<1>(p, k0, k1, c0, c1, acc, xp, R);
+  else run_int4_dp_p<2>(p, k0, k1, c0, c1, acc, xp, R);
   for (int64_t g = 0; g < ng; ++g)  // (zero + 128) times the group's sum of x'
     int4_zero_correction(p, k0 / p.group + g, c0, c1, acc, xsum + g, ng, static_cast<float>(kInt4Offset));
 }
@@ -374,15 +463,16 @@ static void run_block_bf16(const Problem& p, int64_t k0, int64_t k1, int64_t c0,
     if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
     return run_int4_dp(p, k0, k1, c0, c1, acc);
   }
-  const bool quant = ((p.fmt == kInt8Panel && p.m >= kInt8DpMinM) ||
-                      (p.fmt == kInt4Panel && p.group <= kQuantKC && p.m >= kInt4DpMinM)) && p.k % 2 == 0;
+  if (p.fmt == kInt8Panel && p.m >= kInt8DpMinM && p.xb != nullptr && p.k % 2 == 0 && k0 % 2 == 0) {
+    if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
+    return run_int8_dp(p, k0, k1, c0, c1, acc);
+  }
+  const bool quant = p.fmt == kInt4Panel && p.group <= kQuantKC && p.k % 2 == 0;  // M > kInt4DpMaxM
   if ((p.fmt != kBF16Panel && !quant) || p.xb == nullptr || (k0 & 1))
     return run_block(p, k0, k1, c0, c1, acc, accumulate);
   if (!accumulate) std::memset(acc, 0, sizeof(float) * p.m * (c1 - c0));
   auto each = [&](auto group) { for_panel_groups<kPNPB>(c0, c1, acc, group); };
-  if (p.fmt == kInt8Panel)
-    each([&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_qdp<kInt8Panel, kPMRB, decltype(np)::value>(p, k0, k1, j, sc, ss); });
-  else if (p.fmt == kInt4Panel)
+  if (p.fmt == kInt4Panel)
     each([&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_qdp<kInt4Panel, kPMRB, decltype(np)::value>(p, k0, k1, j, sc, ss); });
   else if (p.m == 1)
     for_panel_groups<kPNP1>(c0, c1, acc, [&](auto np, int64_t j, float* sc, int64_t ss) { panel_group_dp<1, decltype(np)::value>(p, k0, k1, j, sc, ss); });
