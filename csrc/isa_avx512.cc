@@ -259,7 +259,7 @@ constexpr int64_t kInt4DpMaxM = 31, kInt8DpMinM = 3;
 // with_tile_rows(r, f) calls f(integral_constant<r>) for a tile of r rows.
 constexpr int kDpMR = 11;
 
-inline int64_t dp_tiles(int64_t m) { return (m + kDpMR - 1) / kDpMR; }
+constexpr int64_t dp_tiles(int64_t m) { return (m + kDpMR - 1) / kDpMR; }
 
 template <int R = kDpMR, class F>
 static inline void with_tile_rows(int64_t r, F&& f) {
@@ -412,16 +412,16 @@ static void int4_dp_group(const Problem& p, int64_t k0, int64_t k1, int64_t j0, 
                           const uint32_t* xp, int64_t R) {
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + j0 * p.rows * kPanelCols;
   const int64_t stride = p.rows * kPanelCols, rb = k0 / 2, nt = dp_tiles(p.m);
+  int64_t m0[dp_tiles(kInt4DpMaxM)], rows[dp_tiles(kInt4DpMaxM)];
+  for (int64_t t = 0; t < nt; ++t) dp_tile_rows(p.m, t, m0[t], rows[t]);
   for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
     const int64_t r0 = g * p.group / 2, r1 = (imin((g + 1) * p.group, k1) + 1) / 2;
     const float* gs = p.scale + g * p.n + j0 * kPanelCols;
-    for (int64_t t = 0; t < nt; ++t) {
-      int64_t m0, rows;
-      dp_tile_rows(p.m, t, m0, rows);
-      const uint32_t* x = xp + m0 * P * R;
-      float* d = sc + m0 * ss;
-      if (t == 0) int4_dp_tile<MR, NP, P, true>(w, stride, r0, r1, x, R, rb, gs, d, ss);
-      else if (rows == MR) int4_dp_tile<MR, NP, P, false>(w, stride, r0, r1, x, R, rb, gs, d, ss);
+    int4_dp_tile<MR, NP, P, true>(w, stride, r0, r1, xp, R, rb, gs, sc, ss);  // tile 0: the widest
+    for (int64_t t = 1; t < nt; ++t) {
+      const uint32_t* x = xp + m0[t] * P * R;
+      float* d = sc + m0[t] * ss;
+      if (rows[t] == MR) int4_dp_tile<MR, NP, P, false>(w, stride, r0, r1, x, R, rb, gs, d, ss);
       else if constexpr (MR > 1) int4_dp_tile<MR - 1, NP, P, false>(w, stride, r0, r1, x, R, rb, gs, d, ss);
     }
   }
