@@ -249,9 +249,9 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
 // Quantized panels times bf16 x on vdpbf16ps, converted in registers by row tiles (below): int8 from 3 rows of M
 // (at 1-2 the f32 kernel streams as fast), int4 up to kInt4DpMaxM; from there int4 takes the converted-block
 // path, which converts each group once into L1 for 6-row tiles. One thread on Zen 4, [576, 3072], cached
-// (docs/native.md, "Quantized panels in register tiles"): int8 M = 3 / 6 / 11 / 16 / 64 0.91 / 0.71 / 0.56 /
-// 0.87 / 0.93x the time of the previous paths (f32 FMA tiles below 12 rows, the converted block above); int4
-// M = 3 / 6 / 11 / 24 / 32 0.50 / 0.53 / 0.72 / 0.91 / 1.03x.
+// (docs/native.md, "Quantized panels in register tiles"): int8 M = 3 / 6 / 11 / 16 / 64 0.92 / 0.72 / 0.56 /
+// 0.88 / 0.95x the time of the previous paths (f32 FMA tiles below 12 rows, the converted block above); int4
+// M = 3 / 6 / 11 / 24 / 32 0.50 / 0.56 / 0.77 / 0.92 / 1.02x.
 constexpr int64_t kInt4DpMaxM = 31, kInt8DpMinM = 3;
 
 // Register tiles of the vdpbf16ps kernels below for quantized panels: at most kDpMR rows of M, as even as
@@ -358,7 +358,7 @@ static inline void int4_dp_tile(const uint8_t* w, int64_t stride, int64_t r0, in
   for (int64_t r = r0; r < r1; r += 4) {
     __m512i line[NP];
     for (int q = 0; q < NP; ++q) line[q] = _mm512_loadu_si512(w + q * stride + r * kPanelCols);
-    if constexpr (PF)  // M <= 2: ahead in the tile's own streams (kStreamAhead)
+    if constexpr (PF)  // the first (or only) row tile: ahead in its own streams (kStreamAhead)
       for (int q = 0; q < NP; ++q) __builtin_prefetch(w + q * stride + r * kPanelCols + kStreamAhead);
     const int64_t pairs = imin(4, r1 - r);
     unroll<4>([&](auto j) {
