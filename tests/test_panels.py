@@ -361,7 +361,8 @@ def test_packed_forward_matches_the_stacked_reference(backend, drafter):
     if not drafter or backend != "native":
         return
     rng = np.random.default_rng(0)  # every packed (fused) matrix times bf16 x: the stacked parts' product
-    deq = {n: np.asarray(dequantize(a, jnp.float32), np.float64) for n, a in w["layers"].items() if isinstance(a, QuantArray)}
+    deq = {n: np.asarray(dequantize(a, jnp.float32), np.float64)
+           for n, a in w["layers"].items() if isinstance(a, QuantArray)}
     for layer, lw in enumerate(packed["layers"]):
         for name, pa in lw.items():
             if not isinstance(pa, PanelArray):
