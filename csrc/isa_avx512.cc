@@ -249,8 +249,8 @@ static void panel_group_qdp(const Problem& p, int64_t k0, int64_t k1, int64_t j0
 // Quantized panels times bf16 x on vdpbf16ps, converted in registers by row tiles (below): int8 from 3 rows of M
 // (at 1-2 the f32 kernel streams as fast), int4 up to kInt4DpMaxM; from there int4 takes the converted-block
 // path, which converts each group once into L1 for 6-row tiles. One thread on Zen 4, [576, 3072], cached
-// (docs/native.md, "Quantized panels in register tiles"): int8 M = 3 / 6 / 11 / 16 / 64 0.92 / 0.72 / 0.56 /
-// 0.88 / 0.95x the time of the previous paths (f32 FMA tiles below 12 rows, the converted block above); int4
+// (docs/native.md, "Quantized panels in register tiles"): int8 M = 3 / 6 / 11 / 16 / 64 0.74 / 0.62 / 0.56 /
+// 0.75 / 0.93x the time of the previous paths (f32 FMA tiles below 12 rows, the converted block above); int4
 // M = 3 / 6 / 11 / 24 / 32 0.50 / 0.56 / 0.77 / 0.92 / 1.02x.
 constexpr int64_t kInt4DpMaxM = 31, kInt8DpMinM = 3;
 
