@@ -827,10 +827,10 @@ constexpr int64_t kAttnSplitKeys = 64;  // the fewest keys a part of a split row
 // An f32 cache with fewer batch rows than two per thread (decode and verify at batch 1-3, all query rows in
 // one chunk): each row's keys split into parts, two per thread, each part one item reading all KV heads of
 // its keys (one contiguous span per key) — instead of one item per KV head, three items on two threads at
-// SmolLM2's batch 1, each reading a third of every key's span. Two passes (AttnPart): every part's scores,
-// then every part's share of o from p (each row's softmax over all its keys, so p is the same as one
-// item's), added here. Returns false (nothing done) where the rows are too short to split. (With a bf16
-// cache the split made SmolLM2's batch-1 step slower: 0.9-1.1 -> 1.3-1.7 ms of attention, traced.)
+// SmolLM2's batch 1, each reading a third of every key's span. Each part takes the softmax over its own keys
+// (kAttnPart: flash-decoding); the parts are rescaled to the row's max and added here, in order. Returns false
+// (nothing done) where the rows are too short to split. (With a bf16 cache the split made SmolLM2's batch-1
+// step slower: 0.9-1.1 -> 1.3-1.7 ms of attention, traced.)
 bool attend_split(const Kernels* kern, const AttnProblem& a, int64_t threads, ffi::ThreadPool* pool) {
   std::vector<int64_t> nb(a.B, 0);  // batch row b's keys: those of its longest query row
   for (int64_t b = 0; b < a.B; ++b)
@@ -839,32 +839,37 @@ bool attend_split(const Kernels* kern, const AttnProblem& a, int64_t threads, ff
   const int64_t parts = std::min((2 * threads + a.B - 1) / a.B, n / kAttnSplitKeys);
   if (parts < 2) return false;
   const int64_t rows = a.T * a.G, hrows = a.KV * rows;
-  // Scores: batch row b's at sv + b * hrows * n, [hrows, nb[b]] (attend_hd's layout for an item of nb[b] keys).
-  thread_local std::vector<float> sv, ov;  // this thread's (the items run on others: plain pointers below)
-  sv.resize(a.B * hrows * n);
+  thread_local std::vector<float> ov, stv;  // this thread's (the items run on others: plain pointers below)
   ov.resize(a.B * parts * hrows * a.hd);
-  float *s = sv.data(), *o = ov.data();
-  auto item = [&](int32_t phase) {
-    return [&, phase](int64_t i, int) {
-      const int64_t b = i / parts, p = i % parts;
-      const AttnPart part{phase, nb[b] * p / parts, nb[b] * (p + 1) / parts, s + b * hrows * n,
-                          o + i * hrows * a.hd};
-      kern->attend(a, b, 0, a.KV, 0, rows, part);
-    };
-  };
-  parallel_chunks(pool, threads, a.B * parts, item(kAttnScores));
-  parallel_chunks(pool, threads, a.B * parts, item(kAttnValues));
+  stv.resize(a.B * parts * 2 * hrows);
+  float *o = ov.data(), *st = stv.data();
+  parallel_chunks(pool, threads, a.B * parts, [&](int64_t i, int) {
+    const int64_t b = i / parts, p = i % parts;
+    const AttnPart part{kAttnPart, nb[b] * p / parts, nb[b] * (p + 1) / parts, o + i * hrows * a.hd,
+                        st + i * 2 * hrows};
+    kern->attend(a, b, 0, a.KV, 0, rows, part);
+  });
+  std::vector<float> w(parts);
   for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t kv = 0; kv < a.KV; ++kv)
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = r / a.G, g = r % a.G, off = ((b * a.T + t) * a.H + kv * a.G + g) * a.hd;
-        for (int64_t d = 0; d < a.hd; ++d) {
-          float sum = 0.f;
-          for (int64_t p = 0; p < parts; ++p) sum += o[((b * parts + p) * hrows + kv * rows + r) * a.hd + d];
-          if (a.q_bf16) static_cast<uint16_t*>(a.o)[off + d] = f32_to_bf16(sum);
-          else static_cast<float*>(a.o)[off + d] = sum;
-        }
+    for (int64_t h = 0; h < hrows; ++h) {  // h = kv * rows + r
+      const float* s0 = st + b * parts * 2 * hrows;
+      float m = -INFINITY, sum = 0.f;
+      for (int64_t p = 0; p < parts; ++p) m = std::max(m, s0[p * 2 * hrows + h]);
+      for (int64_t p = 0; p < parts; ++p) {
+        const float mp = s0[p * 2 * hrows + h];
+        w[p] = mp == -INFINITY ? 0.f : std::exp(mp - m);
+        sum += w[p] * s0[p * 2 * hrows + hrows + h];
       }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key (a query at a negative position): zeros
+      const int64_t kv = h / rows, r = h % rows, t = r / a.G, g = r % a.G;
+      const int64_t off = ((b * a.T + t) * a.H + kv * a.G + g) * a.hd;
+      for (int64_t d = 0; d < a.hd; ++d) {
+        float acc = 0.f;
+        for (int64_t p = 0; p < parts; ++p) acc += w[p] * o[((b * parts + p) * hrows + h) * a.hd + d];
+        if (a.q_bf16) static_cast<uint16_t*>(a.o)[off + d] = f32_to_bf16(acc * inv);
+        else static_cast<float*>(a.o)[off + d] = acc * inv;
+      }
+    }
   return true;
 }
 

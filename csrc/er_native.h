@@ -51,17 +51,17 @@ struct AttnProblem {
 };
 
 // A work item's part of the keys (attention_impl splits the keys of an f32 cache's batch rows when they are
-// too few to give every thread work): kAttnWhole reads all of a row's visible keys and writes o; with a
-// split, kAttnScores writes the scores of keys [j0, j1) into s ([KV * rows, n] for the batch row: every
-// query row of every KV head, n its largest visible key + 1), and after every part has, kAttnValues takes
-// p of keys [j0, j1) from them (each row's softmax over all its keys) and writes that part's share of o,
-// f32 [KV * rows, hd], to o_part; attention_impl adds the parts.
-enum AttnPhase { kAttnWhole = 0, kAttnScores = 1, kAttnValues = 2 };
+// too few to give every thread work): kAttnWhole reads all of a row's visible keys and writes o; kAttnPart
+// reads keys [j0, j1) only, with a softmax over those keys alone (flash-decoding), and writes that part's
+// unnormalized share of o, f32 [KV * rows, hd], to o_part and each (KV head, query row)'s max score and sum
+// of exp(s - max) over the part's visible keys to stats ([2, KV * rows]: maxima, then sums; -inf and 0 for a
+// row that sees none of them); attend_split rescales and adds the parts.
+enum AttnPhase { kAttnWhole = 0, kAttnPart = 1 };
 struct AttnPart {
   int32_t phase;
   int64_t j0, j1;
-  float* s;
   float* o_part;
+  float* stats;
 };
 
 // Query rows [r0, r1) (row = t * G + g) of batch row b, for each KV head in [kv0, kv1).

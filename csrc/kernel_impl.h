@@ -609,7 +609,7 @@ static inline void accumulate_keys(const float* sbuf, int64_t n, int64_t j0, int
 }
 
 // The max m of s[0, lim) (lim > 0) and the sum of e_j = exp(s_j - m) over it (vector max, exp and sum);
-// kStore: s[j] = e_j. softmax_row and softmax_part share it, so a row's p is the same bits in both.
+// kStore: s[j] = e_j.
 struct RowStats {
   float m, sum;
 };
@@ -650,22 +650,16 @@ static inline void softmax_row(float* s, int64_t lim, int64_t n, bool round_bf16
   for (int64_t j = lim; j < n; ++j) s[j] = 0.f;
 }
 
-// p[j0, j1) of softmax_row(s, lim) (0 from lim on), s left as it is: a key split's part of a row.
-static inline void softmax_part(const float* s, float* p, int64_t lim, int64_t j0, int64_t j1, bool round_bf16) {
+// A key split's part of a row (kAttnPart): s[j0, e1) = exp(s_j - m) in place over the part's visible keys
+// (e1 = min(j1, lim)), m their max; *m and *sum (-inf and 0 when the part sees none).
+static inline void softmax_local(float* s, int64_t lim, int64_t j0, int64_t j1, float* m, float* sum) {
   const int64_t e1 = imin(j1, lim);
-  if (lim > 0) {
-    const RowStats st = exp_sum<false>(const_cast<float*>(s), lim);
-    const float inv = 1.f / st.sum;
-    const typename V::F neg_m = V::bcast(-st.m);
-    alignas(64) float e[V::W];
-    for (int64_t j = j0; j < e1; j += V::W) {
-      const int64_t w = imin(V::W, e1 - j);
-      for (int i = 0; i < V::W; ++i) e[i] = s[j + (i < w ? i : 0)];
-      V::store(e, vexp_nonpositive(V::add(V::load(e), neg_m)));
-      for (int64_t i = 0; i < w; ++i) p[j + i] = round_p(e[i] * inv, round_bf16);
-    }
+  if (e1 <= j0) {
+    *m = -INFINITY, *sum = 0.f;
+    return;
   }
-  for (int64_t j = e1 > j0 ? e1 : j0; j < j1; ++j) p[j] = 0.f;
+  const RowStats st = exp_sum<true>(s + j0, e1 - j0);
+  *m = st.m, *sum = st.sum;
 }
 
 #ifdef ER_NATIVE_AVX512_BF16
@@ -784,11 +778,11 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     const int64_t t = (r0 + r) / a.G, g = (r0 + r) % a.G;
     return ((b * a.T + t) * a.H + kv * a.G + g) * hd;
   };
-  const bool scores = part.phase != kAttnValues, whole = part.phase == kAttnWhole;
+  const bool whole = part.phase == kAttnWhole;
   for (int64_t r = 0; r < rows; ++r) {
     lim[r] = imin(a.pos[b * a.T + (r0 + r) / a.G], a.S - 1) + 1;  // visible keys [0, lim)
     if (lim[r] > n) n = lim[r];
-    for (int64_t kv = kv0; kv < kv1 && scores; ++kv) {
+    for (int64_t kv = kv0; kv < kv1; ++kv) {
       const int64_t off = q_off(kv, r);
       float* qr = qbuf + ((kv - kv0) * rows + r) * hd;
       for (int64_t d = 0; d < hd; ++d)
@@ -799,7 +793,7 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
   // This item's keys [j0, j1); its scores (or, in the value phase, p) of row h at sbuf + h * n + j.
   const int64_t j0 = whole ? 0 : part.j0, j1 = whole ? n : imin(part.j1, n);
   sv.resize(hrows * (n > 0 ? n : 1));
-  float* sbuf = part.phase == kAttnScores ? part.s : sv.data();
+  float* sbuf = sv.data();
   const int64_t key_stride = a.KV * hd, base = b * a.S * key_stride;
   const int64_t esize = a.kv_bf16 ? 2 : 4, span = nkv * hd * esize;  // bytes of one key this item reads
   // Key j of heads [kv0, kv1) is one contiguous span, key_stride elements after key j - 1's: prefetch
@@ -816,12 +810,11 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
   // keys before it starts. SmolLM2's 30 layers at 300 positions in a batch-1 step (traced, with the split
   // below): 1.3-1.5 ms -> 1.0 ms. With a bf16 cache it made them slower (0.9-1.1 -> 1.0-1.3 ms), so not there.
   constexpr int64_t kValuesInL2 = 256 << 10;
-  const bool pf_values = scores && !a.kv_bf16 && (j1 - j0) * span <= kValuesInL2;
-  if (scores)
-    for (int64_t j = j0; j < imin(j0 + kAhead, j1); ++j) {
-      prefetch(a.k, j);
-      if (pf_values) prefetch(a.v, j);
-    }
+  const bool pf_values = !a.kv_bf16 && (j1 - j0) * span <= kValuesInL2;
+  for (int64_t j = j0; j < imin(j0 + kAhead, j1); ++j) {
+    prefetch(a.k, j);
+    if (pf_values) prefetch(a.v, j);
+  }
   const float* rp[kValueKeys];
   auto rows_at = [&](const void* cache, int64_t j0, int nk, int64_t kv) {
     for (int u = 0; u < nk; ++u)
@@ -858,22 +851,19 @@ static void attend_hd(const AttnProblem& a, int64_t b, int64_t kv0, int64_t kv1,
     accumulate_keys<HD, 1>(sbuf + h * rows * n, n, j, rows, hd, rp, obuf + h * rows * hd, lim);
   };
   const bool by_key = rows <= kKeyByKeyRows;
-  if (scores) {
 #ifdef ER_NATIVE_AVX512_BF16
-    if (by_key && a.q_bf16 && a.kv_bf16 && hd % 32 == 0)  // vdpbf16ps on q and the cache's bf16 keys in place
-      score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n, j0, j1);
-    else
+  if (by_key && a.q_bf16 && a.kv_bf16 && hd % 32 == 0)  // vdpbf16ps on q and the cache's bf16 keys in place
+    score_keys_dp(a, b, kv0, kv1, r0, rows, hd, inv_sqrt, sbuf, n, j0, j1);
+  else
 #endif
-    if (by_key) for_keys(One{}, a.k, score_one, score_one);
-    else
-      for_keys(Score{}, a.k,
-               [&](int64_t j, int64_t h) { score_keys<HD, kScoreKeys>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); },
-               score_one);
-  }
-  if (part.phase == kAttnScores) return;
+  if (by_key) for_keys(One{}, a.k, score_one, score_one);
+  else
+    for_keys(Score{}, a.k,
+             [&](int64_t j, int64_t h) { score_keys<HD, kScoreKeys>(qbuf + h * rows * hd, rows, hd, rp, inv_sqrt, sbuf + h * rows * n, n, j); },
+             score_one);
   for (int64_t h = 0; h < hrows; ++h) {
     if (whole) softmax_row(sbuf + h * n, lim[h % rows], n, a.kv_bf16);
-    else softmax_part(part.s + h * n, sbuf + h * n, lim[h % rows], j0, j1, a.kv_bf16);
+    else softmax_local(sbuf + h * n, lim[h % rows], j0, j1, part.stats + h, part.stats + hrows + h);
   }
   // A bf16 cache with few rows: outputs in registers (value_tile); the f32 one reads twice the bytes and is
   // bound by them, and there the key-by-key order below (each key's heads in one contiguous read) is faster.
