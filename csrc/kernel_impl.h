@@ -328,9 +328,6 @@ static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t 
     for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
   const int64_t stride = p.rows * kPanelCols, base = j0 * stride;  // elements between panels; panel j0's start
   for (int64_t k = k0; k < k1; ++k) {
-    typename V::F w[U];
-    for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < NV; ++v) w[q * NV + v] = load_w<WF>(p.w, base + q * stride + k * kPanelCols + v * V::W);
     if constexpr (PF) {
       if (k % line_rows == 0)  // one prefetch per 64-byte line
         for (int q = 0; q < NP; ++q) {
@@ -338,6 +335,15 @@ static inline void panel_tile(const Problem& p, int64_t k0, int64_t k1, int64_t 
           __builtin_prefetch(MR <= 2 ? line + kStreamAhead : line + NP * stride * esize, 0, kLocality);
         }
     }
+    if constexpr (MR == 1) {  // each weight vector converted just before its FMA: U accumulators + 2 registers
+      const typename V::F b = V::bcast(x[k]);
+      for (int u = 0; u < U; ++u)
+        acc[0][u] = V::fma(b, load_w<WF>(p.w, base + u / NV * stride + k * kPanelCols + u % NV * V::W), acc[0][u]);
+      continue;
+    }
+    typename V::F w[U];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < NV; ++v) w[q * NV + v] = load_w<WF>(p.w, base + q * stride + k * kPanelCols + v * V::W);
     for (int m = 0; m < MR; ++m) {
       const typename V::F b = V::bcast(x[m * p.xs + k]);
       for (int u = 0; u < U; ++u) acc[m][u] = V::fma(b, w[u], acc[m][u]);
