@@ -1,4 +1,4 @@
-"""The native quantized panel matmuls' instruction rate: one weight matrix that stays in the caches, M = 1 / 2.
+"""The native panel matmuls' instruction rate (int4 / int8; bf16 / f32 with --schemes): one weight matrix that stays in the caches, M = 1 / 2.
 
 A streamed benchmark (bench_native.py) on this 2-core VM measures the shared memory system as much as the
 kernel (its int4 fraction of read bandwidth moved 57-86% between back-to-back runs of one build). Here one
@@ -6,7 +6,7 @@ matrix is multiplied --chain times in one jit (each call's x scaled by the previ
 after another), so the time is the kernel's own: GB/s of the weight bytes (codes + scales + zeros) per call.
 Run with ER_JAX_NATIVE_THREADS=1 under `taskset -c 0` for one thread's rate.
 
-    python experiments/bench_kernel_resident.py [--reps 15] [--chain 40] [--out kernel_resident.json]
+    python experiments/bench_kernel_resident.py [--reps 15] [--chain 40] [--schemes int4 int8 bf16 f32] [--out NAME.json]
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from er_jax.kernels import native  # noqa: E402
 from er_jax.panels import pack  # noqa: E402
 from er_jax.quant import quantize_int4, quantize_int8  # noqa: E402
 
+SCHEMES = {"int4": quantize_int4, "int8": quantize_int8, "bf16": lambda w: w.astype(jnp.bfloat16),
+           "f32": lambda w: w}
 SHAPES = [(1536, 1536), (576, 3072), (1536, 8960)]  # int4: 1.2 / 0.9 / 6.9 MB (L2 is 1 MB a core, L3 32 MB)
 
 
@@ -33,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--chain", type=int, default=40)
-    ap.add_argument("--schemes", nargs="+", default=["int4", "int8"])
+    ap.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=list(SCHEMES))
     ap.add_argument("--out", default=None, help="file name under experiments/results/ (none: print only)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -43,7 +45,7 @@ def main():
     for k, n in SHAPES:
         w0 = jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k))
         for scheme in args.schemes:
-            w = pack(quantize_int4(w0) if scheme == "int4" else quantize_int8(w0))
+            w = pack(SCHEMES[scheme](w0))
             nbytes = w.nbytes
 
             def chain(x, w):
