@@ -1,4 +1,5 @@
-"""The native panel matmuls' instruction rate (int4 / int8; bf16 / f32 with --schemes): one weight matrix that stays in the caches, M = 1 / 2.
+"""The native panel matmuls' instruction rate (int4 / int8, and bf16 / f32 with --schemes): one weight matrix
+that stays in the caches, M = 1 / 2.
 
 A streamed benchmark (bench_native.py) on this 2-core VM measures the shared memory system as much as the
 kernel (its int4 fraction of read bandwidth moved 57-86% between back-to-back runs of one build). Here one
@@ -6,7 +7,8 @@ matrix is multiplied --chain times in one jit (each call's x scaled by the previ
 after another), so the time is the kernel's own: GB/s of the weight bytes (codes + scales + zeros) per call.
 Run with ER_JAX_NATIVE_THREADS=1 under `taskset -c 0` for one thread's rate.
 
-    python experiments/bench_kernel_resident.py [--reps 15] [--chain 40] [--schemes int4 int8 bf16 f32] [--out NAME.json]
+    python experiments/bench_kernel_resident.py [--reps 15] [--chain 40] [--schemes int4 int8 bf16 f32]
+        [--out NAME.json]
 """
 from __future__ import annotations
 

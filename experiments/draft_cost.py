@@ -6,10 +6,10 @@ for int4), SmolLM2 f32, at batch 1, 4, 16 with --context cached tokens per row.
 Target step: one engine AR step (`engine.ar_step`: target forward of one token + sampling + bookkeeping).
 Draft step: one drafter step as `speculative.draft` runs it (γ = 1: drafter forward + sampling), drafters
 int8 / int4 with the shared f32 head and with the int8 head. Also per step of a γ = --gamma draft (one jit call of
-the scan, as the engine's SD step runs the drafter, timed and divided by γ): the γ = 1 call pays the jit's dispatch
-of the drafter's ~400 weight leaves (~0.13 ms on the Zen 4 VM) in every step, the engine once per γ steps. The systems alternate within each repeat
-(target, then each drafter, order reversed every other repeat); medians and fastest reported with the load
-average. Writes experiments/results/draft_cost_cpu.json.
+the scan, as the engine's SD step runs the drafter, timed and divided by γ): the γ = 1 call pays the jit's
+dispatch of the drafter's ~400 weight leaves (~0.13 ms on the Zen 4 VM) in every step, the engine once per γ
+steps. The systems alternate within each repeat (target, then each drafter, order reversed every other repeat);
+medians and fastest reported with the load average. Writes experiments/results/draft_cost_cpu.json.
 
 --old-build LIB: also time every system on another build's native library (common.old_build: the two builds'
 handlers in one process, alternating), and report new / old ratios.
